@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# vdiff: the one entry point. `./launch.sh help` lists the subcommands.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${VDIFF_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+# CPU wheel used where no GPU is present (a local file on these machines; a user can point pip at another index
+# with VDIFF_TORCH_INDEX_URL).
+TORCH_CPU_VERSION="${VDIFF_TORCH_CPU_VERSION:-2.13.0}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # nothing is downloaded at run time
+export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
+export DS_BUILD_OPS="${DS_BUILD_OPS:-0}"       # deepspeed: no kernel builds at install time
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export XFORMERS_IGNORE_FLASH_VERSION_CHECK=1
+
+usage() {
+    cat <<EOF
+usage: ./launch.sh COMMAND [ARGS...]
+
+  setup                 create .venv and install vdiff (CPU torch where there is no GPU; an existing CUDA torch is kept)
+  test [PYTEST ARGS]    run the test suite (installs first if needed)
+  bench NAME [ARGS]     run a benchmark: prints a table, writes JSON under bench/results/
+                        NAME is one of: $(bench_names)
+  help                  this message
+
+Every command except help runs setup first when .venv is missing.
+Environment: VDIFF_VENV (venv path), PYTHON (interpreter for the venv), VDIFF_TORCH_INDEX_URL (pip index for torch).
+EOF
+}
+
+bench_names() { (cd "$ROOT/bench" && ls -1 [a-z]*.py 2>/dev/null | sed 's/\.py$//' | grep -v '^common$' | paste -sd' ' -); }
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup() {
+    local stamp="$VENV/.vdiff-installed" want
+    want="$(cat "$ROOT/pyproject.toml" | cksum)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+
+    if [ ! -x "$VENV/bin/python" ]; then
+        # A system torch built for CUDA is reused rather than replaced: the venv sees system packages.
+        if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' >/dev/null 2>&1; then
+            echo "[setup] reusing the system's CUDA torch (venv with --system-site-packages)"
+            "$PYTHON" -m venv --system-site-packages "$VENV"
+        else
+            "$PYTHON" -m venv "$VENV"
+        fi
+    fi
+    local py="$VENV/bin/python"
+    "$py" -m pip install -q --upgrade pip >/dev/null
+
+    if "$py" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' >/dev/null 2>&1; then
+        echo "[setup] keeping CUDA torch $("$py" -c 'import torch; print(torch.__version__)')"
+    elif "$py" -c 'import torch' >/dev/null 2>&1 && ! has_gpu; then
+        echo "[setup] keeping torch $("$py" -c 'import torch; print(torch.__version__)')"
+    elif has_gpu; then
+        echo "[setup] GPU found: installing CUDA torch"
+        "$py" -m pip install -q torch ${VDIFF_TORCH_INDEX_URL:+--index-url "$VDIFF_TORCH_INDEX_URL"}
+    else
+        echo "[setup] no GPU: installing CPU torch $TORCH_CPU_VERSION"
+        "$py" -m pip install -q "torch==$TORCH_CPU_VERSION" ${VDIFF_TORCH_INDEX_URL:+--index-url "$VDIFF_TORCH_INDEX_URL"}
+    fi
+
+    # Pin torch to what is installed now, so no dependency can swap it for another build.
+    local constraints="$VENV/torch-constraint.txt"
+    "$py" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$constraints"
+    echo "[setup] installing vdiff and its dependencies"
+    PIP_CONSTRAINT="$constraints" "$py" -m pip install -q -e "$ROOT[dev]"
+    echo "$want" >"$stamp"
+    echo "[setup] done: $("$py" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
+}
+
+ensure_setup() { setup; }
+
+vpy() { "$VENV/bin/python" "$@"; }
+
+cmd="${1:-help}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        setup ;;
+    test)
+        ensure_setup
+        cd "$ROOT"
+        vpy -m pytest -q -rs "$@" ;;
+    bench)
+        ensure_setup
+        name="${1:-}"
+        if [ -z "$name" ] || [ ! -f "$ROOT/bench/$name.py" ] || [ "$name" = common ]; then
+            echo "usage: ./launch.sh bench NAME [ARGS]; NAME is one of: $(bench_names)" >&2
+            exit 2
+        fi
+        shift
+        cd "$ROOT"
+        vpy -m "bench.$name" "$@" ;;
+    help|-h|--help)
+        usage ;;
+    *)
+        echo "unknown command: $cmd" >&2
+        usage >&2
+        exit 2 ;;
+esac

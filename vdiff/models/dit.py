@@ -1,0 +1,389 @@
+"""VideoDiT: the video diffusion transformer, weight- and config-compatible with diffusers' WanTransformer3DModel.
+
+Same config fields, same state-dict keys, same forward signature and, in fp32 with dense attention, the same output,
+so a Wan2.1 transformer saved in diffusers format loads with `VideoDiT.from_pretrained(path)` and diffusers'
+pipelines can drive a VideoDiT. What differs is inside: self-attention goes through `vdiff.attention.dispatch`
+(dense or sparse, chosen by an `AttentionConfig`), and tokens can be reordered once per forward for sparse kernels.
+
+Shapes: B batch, C latent channels, (F, Hl, Wl) latent frames/height/width, (T, H, W) token grid after patching,
+L = T*H*W tokens, D hidden size, N heads, Dh head dim, S text tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from vdiff.attention import AttentionContext, check_config, dispatch, token_order
+from vdiff.attention.registry import DEFAULT_MASK_CACHE
+from vdiff.config import AttentionConfig, ModelConfig
+from vdiff.models.layers import FP32LayerNorm, RotaryPosEmbed3D, apply_rope, timestep_embedding
+
+# Wan's I2V models append image tokens before a text context of this fixed length.
+WAN_TEXT_LEN = 512
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conditioning: timestep -> adaLN modulation, text (and image) projection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TextProjection(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, approximate: str = "none"):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Linear, keyed `net.0.proj`, `net.2` as in diffusers."""
+
+    def __init__(self, dim: int, inner_dim: int, out_dim: int | None = None, approximate: str = "tanh"):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, inner_dim, approximate), nn.Dropout(0.0), nn.Linear(inner_dim, out_dim or dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> hidden size (Wan I2V)."""
+
+    def __init__(self, in_dim: int, dim: int, pos_embed_seq_len: int | None = None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(in_dim)
+        self.ff = FeedForward(in_dim, in_dim, dim, approximate="none")
+        self.norm2 = FP32LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, in_dim)) if pos_embed_seq_len else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            b, s, c = x.shape
+            x = x.view(-1, 2 * s, c) + self.pos_embed
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, image_dim: int | None, pos_embed_seq_len: int | None):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = TimestepEmbedding(freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextProjection(text_dim, dim)
+        self.image_embedder = ImageEmbedding(image_dim, dim, pos_embed_seq_len) if image_dim is not None else None
+
+    def forward(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None):
+        t_freq = timestep_embedding(timestep.flatten(), self.freq_dim).view(*timestep.shape, -1)  # (B[, L], Ft)
+        t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(t_freq).type_as(text)  # (B[, L], D)
+        temb_proj = self.time_proj(self.act_fn(temb))  # (B[, L], 6D)
+        text = self.text_embedder(text)  # (B, S, D)
+        if image is not None:
+            image = self.image_embedder(image)
+        return temb, temb_proj, text, image
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention: self-attention through the vdiff seam, cross-attention to the text (and image) tokens
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Projections of one attention layer (keys `to_q/k/v`, `to_out.0`, `norm_q/k` as Wan): RMS qk-norm across heads."""
+
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.add_k_proj = self.add_v_proj = None
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def out(self, o_BLHD: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.to_out[1](self.to_out[0](o_BLHD.flatten(2).type_as(like)))
+
+
+class SelfAttention(Attention):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
+        k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
+        v = self.to_v(x).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = dispatch(q, k, v, ctx)  # (B, L, N, Dh)
+        return self.out(o, q)  # (B, L, D)
+
+
+class CrossAttention(Attention):
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text keys/values (B, S, N, Dh): depend only on the prompt, so inference caches can reuse them."""
+        k = self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1))
+        v = self.to_v(context).unflatten(2, (self.heads, -1))
+        return k, v
+
+    def image_kv(self, image_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_added_k(self.add_k_proj(image_context)).unflatten(2, (self.heads, -1))
+        v = self.add_v_proj(image_context).unflatten(2, (self.heads, -1))
+        return k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        image_context = None
+        if self.add_k_proj is not None:  # Wan I2V: [image tokens | 512 text tokens]
+            n_img = context.shape[1] - WAN_TEXT_LEN
+            image_context, context = context[:, :n_img], context[:, n_img:]
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
+        k, v = self.context_kv(context)  # (B, S, N, Dh)
+        o = _sdpa(q, k, v)  # (B, L, N, Dh)
+        if image_context is not None:
+            ki, vi = self.image_kv(image_context)
+            o = o.flatten(2).type_as(q) + _sdpa(q, ki, vi).flatten(2).type_as(q)
+        return self.out(o, q)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer block: adaLN-modulated self-attention, cross-attention, FFN
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class VideoDiTBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float, added_kv_proj_dim: int | None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = SelfAttention(dim, heads, eps)
+        self.attn2 = CrossAttention(dim, heads, eps, added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        context: torch.Tensor,  # (B, S, D)
+        temb: torch.Tensor,  # (B, 6, D) or per token (B, L, 6, D)
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: AttentionContext,
+    ) -> torch.Tensor:
+        if temb.ndim == 4:
+            mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)  # 6 x (B, L, D)
+        else:
+            mod = (self.scale_shift_table + temb.float()).chunk(6, dim=1)  # 6 x (B, 1, D)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
+
+        h = (self.norm1(x.float()) * (1 + scale_sa) + shift_sa).type_as(x)
+        x = (x.float() + self.attn1(h, rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
+
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(h, context)  # (B, L, D)
+
+        h = (self.norm3(x.float()) * (1 + scale_ff) + shift_ff).type_as(x)
+        x = (x.float() + self.ffn(h).float() * gate_ff).type_as(x)  # (B, L, D)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VideoDiT
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class VideoDiT(ModelMixin, ConfigMixin):
+    """Wan2.1-architecture video DiT with a swappable self-attention backend.
+
+    Attention is chosen by `model.set_attention(AttentionConfig(...))` (or a backend name), or per call with
+    `attention_kwargs={"attention": cfg, "step": i, "stats": AttentionStats()}`. It is not part of the saved
+    config, so checkpoints stay interchangeable with diffusers.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    _no_split_modules = ["VideoDiTBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+        self.patch = tuple(patch_size)
+
+        self.rope = RotaryPosEmbed3D(attention_head_dim, rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim, image_dim, pos_embed_seq_len)
+        self.blocks = nn.ModuleList(
+            [VideoDiTBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, added_kv_proj_dim) for _ in range(num_layers)]
+        )
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+        self.gradient_checkpointing = False
+        self.attention_config = AttentionConfig()
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig) -> VideoDiT:
+        return cls(**config.to_diffusers())
+
+    def set_attention(self, attention: AttentionConfig | str) -> None:
+        """Choose the self-attention backend for later calls; raises now if it cannot run on this model's device."""
+        if isinstance(attention, str):
+            attention = AttentionConfig(backend=attention) if attention != "dense" else AttentionConfig()
+        check_config(attention, self.device)
+        self.attention_config = attention
+
+    def token_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Latent (F, Hl, Wl) -> token grid (T, H, W)."""
+        pt, ph, pw = self.patch
+        f, h, w = latent_shape
+        return f // pt, h // ph, w // pw
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, C, F, Hl, Wl) latents
+        timestep: torch.Tensor,  # (B,) or per token (B, L), in [0, 1000]
+        encoder_hidden_states: torch.Tensor,  # (B, S, text_dim)
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        b, _, f, hl, wl = hidden_states.shape
+        pt, ph, pw = self.patch
+        grid = self.token_grid((f, hl, wl))  # (T, H, W)
+        ctx = self._attention_context(grid, hidden_states.device, attention_kwargs or {})
+
+        cos, sin = self.rope(grid)  # (L, 1, Dh/2) each, frame-major
+        x = self.patch_embedding(hidden_states)  # (B, D, T, H, W)
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
+
+        if timestep.ndim == 0:
+            timestep = timestep.expand(b)
+        temb, temb_proj, context, image = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )  # temb (B[, L], D), temb_proj (B[, L], 6D), context (B, S, D)
+        temb_proj = temb_proj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, L, 6, D)
+        if image is not None:
+            context = torch.cat([image, context], dim=1)
+
+        # Sparse backends want space-time neighbours in the same kernel block: reorder once, restore at the end.
+        perm = token_order(ctx.config, grid, x.device, ctx.mask_cache)
+        if perm is not None:
+            x, cos, sin = x[:, perm], cos[perm], sin[perm]
+            if temb.ndim == 3:
+                temb, temb_proj = temb[:, perm], temb_proj[:, perm]
+
+        for i, block in enumerate(self.blocks):
+            block_ctx = ctx.for_layer(i)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, context, temb_proj, (cos, sin), block_ctx)
+            else:
+                x = block(x, context, temb_proj, (cos, sin), block_ctx)  # (B, L, D)
+
+        if temb.ndim == 3:  # per-token timesteps
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, L, D)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)  # (B, L, pt*ph*pw*C_out)
+        if perm is not None:
+            x = x[:, torch.argsort(perm)]  # back to frame-major
+
+        t, h, w = grid
+        x = x.reshape(b, t, h, w, pt, ph, pw, -1)
+        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, Hl, Wl)
+
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    def _attention_context(self, grid, device, kwargs: dict[str, Any]) -> AttentionContext:
+        known = {"attention", "step", "timestep", "stats", "mask_cache", "sequence_parallel"}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"VideoDiT: unknown attention_kwargs {sorted(unknown)}; known: {sorted(known)}")
+        config = kwargs.get("attention") or self.attention_config
+        if isinstance(config, str):
+            config = AttentionConfig(backend=config)
+        elif isinstance(config, dict):
+            from vdiff.config import from_dict
+
+            config = from_dict(AttentionConfig, config, prefix="attention.")
+        return AttentionContext(
+            grid=grid,
+            config=config,
+            step=kwargs.get("step"),
+            timestep=kwargs.get("timestep"),
+            mask_cache=kwargs.get("mask_cache") or DEFAULT_MASK_CACHE,
+            stats=kwargs.get("stats"),
+            sequence_parallel=kwargs.get("sequence_parallel"),
+        )
+
+
+def model_config_of(model: VideoDiT) -> ModelConfig:
+    """The typed ModelConfig of a built model."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in model.config.items() if k in names}
+    values["patch_size"] = tuple(values["patch_size"])
+    return ModelConfig(**values)

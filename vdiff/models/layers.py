@@ -1,0 +1,88 @@
+"""Shared primitives of the video DiT: 3D rotary position embedding, sinusoidal timestep embedding, fp32 LayerNorm."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3D RoPE: the head dim is split into (t, h, w) parts; each part rotates channel pairs by position * frequency.
+# Wan's split: h and w get 2 * (D // 6) channels each, t gets the rest.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    h_dim = w_dim = 2 * (head_dim // 6)
+    return head_dim - h_dim - w_dim, h_dim, w_dim
+
+
+class RotaryPosEmbed3D(nn.Module):
+    """cos/sin tables for a (T, H, W) token grid, frame-major, one entry per channel pair: [L, 1, D/2] each."""
+
+    def __init__(self, head_dim: int, max_seq_len: int = 1024, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.axis_dims = rope_axis_dims(head_dim)
+        pos = torch.arange(max_seq_len, dtype=torch.float64)
+        angles = []
+        for dim in self.axis_dims:
+            freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
+            angles.append(torch.outer(pos, freqs))  # (S, dim/2), float64 like Wan, rounded to fp32 once
+        angles = torch.cat(angles, dim=1)  # (S, D/2)
+        self.register_buffer("freqs_cos", angles.cos().float(), persistent=False)
+        self.register_buffer("freqs_sin", angles.sin().float(), persistent=False)
+
+    def forward(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t, h, w = grid
+        if max(grid) > self.max_seq_len:
+            raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={self.max_seq_len} along an axis")
+        parts = [d // 2 for d in self.axis_dims]
+        out = []
+        for table in (self.freqs_cos, self.freqs_sin):
+            tt, hh, ww = table.split(parts, dim=1)
+            full = torch.cat(
+                [
+                    tt[:t].view(t, 1, 1, -1).expand(t, h, w, -1),
+                    hh[:h].view(1, h, 1, -1).expand(t, h, w, -1),
+                    ww[:w].view(1, 1, w, -1).expand(t, h, w, -1),
+                ],
+                dim=-1,
+            )  # (T, H, W, D/2)
+            out.append(full.reshape(t * h * w, 1, -1))  # (L, 1, D/2)
+        return out[0], out[1]
+
+
+def apply_rope(x_BLHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the angles in cos/sin [L, 1, D/2]."""
+    x1, x2 = x_BLHD.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, L, H, D/2, 2)
+    return out.flatten(-2).type_as(x_BLHD)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timestep embedding (sinusoidal, [cos, sin] order, as Wan).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t: (N,) float timesteps in [0, 1000] -> (N, dim) float32 features [cos(t f), sin(t f)]."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (adaLN statistics are sensitive in bf16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
