@@ -5,6 +5,7 @@
         print(status)
 """
 
+from vdiff.attention.patterns import SparsePattern, register_pattern, sparse_pattern
 from vdiff.attention.registry import (
     DEFAULT_MASK_CACHE,
     DENSE_KERNELS,
@@ -37,6 +38,9 @@ __all__ = [
     "dispatch",
     "get_backend",
     "register_backend",
+    "register_pattern",
     "resolve",
+    "SparsePattern",
+    "sparse_pattern",
     "token_order",
 ]
