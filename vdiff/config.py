@@ -158,7 +158,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, base: T | None = Non
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; {cls.__name__} has: {sorted(fields)}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; {cls.__name__} has: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name in fields:
         current = getattr(base, name) if base is not None else _default(fields[name])
@@ -231,6 +231,11 @@ def _coerce(tp: Any, value: Any, key: str, current: Any = None) -> Any:
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)

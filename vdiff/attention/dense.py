@@ -63,6 +63,8 @@ def flex_run(q, k, v, block_mask=None) -> torch.Tensor:
     """[B, L, H, D] through compiled FlexAttention with an optional BlockMask -> [B, L, H, D]."""
     if q.requires_grad and torch.is_grad_enabled() and flex_backward_reason(q.device):
         raise BackendUnavailable(f"flex: {flex_backward_reason(q.device)}")
+    if not torch.is_grad_enabled():  # inference on leaves that require grad: the CPU kernel refuses those
+        q, k, v = q.detach(), k.detach(), v.detach()
     out = compiled_flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
     return out.transpose(1, 2)
 

@@ -1,0 +1,78 @@
+"""Dense kernels against a float64 reference; the registry's honesty about what can run."""
+
+import pytest
+import torch
+
+from vdiff.attention import AttentionContext, BackendUnavailable, available, dispatch, get_backend
+from vdiff.attention.dense import reference_attention
+from vdiff.config import AttentionConfig
+
+
+def _qkv(b=2, l=200, h=2, d=32, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(b, l, h, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
+
+
+def _check(kernel, device="cpu", dtype=torch.float32, atol=2e-5, backward=True):
+    q, k, v = _qkv(device=device, dtype=dtype)
+    ctx = AttentionContext(grid=(2, 10, 10), config=AttentionConfig(kernel=kernel))
+    with torch.set_grad_enabled(backward):
+        out = dispatch(q, k, v, ctx)
+    ref = reference_attention(q, k, v)
+    assert out.shape == q.shape
+    err = (out.double() - ref).abs().max().item()
+    assert err < atol * ref.abs().max().item() * 10, f"{kernel}: max abs err {err}"
+    if backward:
+        grad = torch.randn_like(ref)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        for name, a, b in zip("qkv", got, want):
+            rel = ((a.double() - b).norm() / b.norm()).item()
+            assert rel < atol * 50, f"{kernel}: d{name} relative error {rel}"
+
+
+def test_sdpa_matches_float64_reference_fwd_bwd():
+    _check("sdpa")
+
+
+@pytest.mark.slow
+def test_flex_matches_float64_reference_forward_on_cpu():
+    # compiled FlexAttention on CPU has no backward; the registry says so (next test)
+    _check("flex", backward=False)
+
+
+def test_flex_backward_on_cpu_is_refused_with_reason():
+    status = available("cpu")["flex"]
+    assert status.available and not status.backward and "no backward on CPU" in status.backward_reason
+    q, k, v = _qkv(l=16)
+    with pytest.raises(BackendUnavailable, match="no backward on CPU"):
+        dispatch(q, k, v, AttentionContext(grid=(1, 4, 4), config=AttentionConfig(kernel="flex")))
+
+
+def test_available_lists_every_dense_kernel_with_reasons():
+    status = available("cpu")
+    for name in ("sdpa", "flex", "xformers", "flash"):
+        assert name in status
+    assert status["sdpa"].available and status["sdpa"].backward
+    assert not status["xformers"].available and "CUDA" in status["xformers"].reason
+    assert not status["flash"].available and status["flash"].reason
+
+
+def test_asking_for_a_backend_that_cannot_run_raises_the_reason():
+    with pytest.raises(BackendUnavailable, match="xformers.*CUDA"):
+        get_backend("xformers", "cpu")
+    with pytest.raises(BackendUnavailable, match="unknown attention backend 'nope'"):
+        get_backend("nope", "cpu")
+    q, k, v = _qkv(l=16)
+    with pytest.raises(BackendUnavailable, match="flash"):
+        dispatch(q, k, v, AttentionContext(grid=(1, 4, 4), config=AttentionConfig(kernel="flash")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sdpa", "flex", "xformers", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernels_match_reference(kernel, dtype):
+    status = available("cuda")[kernel]
+    if not status.available:
+        pytest.skip(f"{kernel}: {status.reason}")
+    _check(kernel, device="cuda", dtype=dtype, atol=2e-3)
