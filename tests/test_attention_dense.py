@@ -8,9 +8,9 @@ from vdiff.attention.dense import reference_attention
 from vdiff.config import AttentionConfig
 
 
-def _qkv(b=2, l=200, h=2, d=32, dtype=torch.float32, device="cpu"):
+def _qkv(b=2, seq=200, h=2, d=32, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(3)
-    return [torch.randn(b, l, h, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
+    return [torch.randn(b, seq, h, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
 
 
 def _check(kernel, device="cpu", dtype=torch.float32, atol=2e-5, backward=True):
@@ -44,7 +44,7 @@ def test_flex_matches_float64_reference_forward_on_cpu():
 def test_flex_backward_on_cpu_is_refused_with_reason():
     status = available("cpu")["flex"]
     assert status.available and not status.backward and "no backward on CPU" in status.backward_reason
-    q, k, v = _qkv(l=16)
+    q, k, v = _qkv(seq=16)
     with pytest.raises(BackendUnavailable, match="no backward on CPU"):
         dispatch(q, k, v, AttentionContext(grid=(1, 4, 4), config=AttentionConfig(kernel="flex")))
 
@@ -63,7 +63,7 @@ def test_asking_for_a_backend_that_cannot_run_raises_the_reason():
         get_backend("xformers", "cpu")
     with pytest.raises(BackendUnavailable, match="unknown attention backend 'nope'"):
         get_backend("nope", "cpu")
-    q, k, v = _qkv(l=16)
+    q, k, v = _qkv(seq=16)
     with pytest.raises(BackendUnavailable, match="flash"):
         dispatch(q, k, v, AttentionContext(grid=(1, 4, 4), config=AttentionConfig(kernel="flash")))
 
