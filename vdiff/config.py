@@ -109,7 +109,7 @@ class SlidingTileConfig:
 class VMoBAConfig:
     chunk_t: int = 2
     chunk_hw: tuple[int, int] = (8, 8)
-    chunk_thw: tuple[int, int, int] = (2, 4, 4)
+    chunk_thw: tuple[int, int, int] = (2, 8, 8)
     select: Literal["topk", "threshold"] = "topk"
     topk: int = 3
     threshold: float = 0.25

@@ -69,6 +69,9 @@ class MaskCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or DEFAULT_MASK_CACHE` must keep it)
+        return True
+
 
 DEFAULT_MASK_CACHE = MaskCache()
 

@@ -1,0 +1,279 @@
+"""ShapesWorld (vdiff.data.shapes) and its evaluator (vdiff.eval.shapes_eval), checked against known answers."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from vdiff.data.shapes import (
+    COLOURS,
+    DIRECTIONS,
+    HELD_OUT,
+    SHAPES,
+    ShapesWorld,
+    all_combinations,
+    caption,
+    clip_to_video,
+    parse_caption,
+    render_clip,
+    train_combinations,
+    video_to_clip,
+)
+from vdiff.eval.shapes_eval import CHANCE, evaluate_clip, evaluate_clips, read_clip
+
+# ------------------------------------------------------------------------------------------------ grammar
+
+
+def test_caption_roundtrip_and_counts():
+    combos = all_combinations()
+    assert len(combos) == len(set(combos)) == 72
+    for combo in combos:
+        assert parse_caption(caption(*combo)) == combo
+    assert caption("red", "circle", "left") == "a red circle moving left"
+    assert parse_caption("  A Red Circle moving LEFT. ") == ("red", "circle", "left")
+
+
+@pytest.mark.parametrize(
+    "text, word",
+    [("a purple circle moving left", "colour"), ("a red hexagon moving left", "shape"),
+     ("a red circle moving sideways", "direction"), ("red circle going left", "does not match")],
+)  # fmt: skip
+def test_parse_caption_errors_name_the_problem(text, word):
+    with pytest.raises(ValueError, match=word):
+        parse_caption(text)
+
+
+def test_held_out_split_keeps_every_word_and_pair_in_training():
+    train, held = train_combinations(), list(HELD_OUT)
+    assert len(held) == len(set(held)) == 6
+    assert set(train) | set(held) == set(all_combinations()) and not set(train) & set(held)
+    for i, j in itertools.combinations(range(3), 2):  # every pair of attributes still seen in training
+        train_pairs = {(c[i], c[j]) for c in train}
+        assert {(c[i], c[j]) for c in all_combinations()} == train_pairs
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _soft_centroid(frame_HW3: np.ndarray) -> tuple[float, float]:
+    w = frame_HW3.max(axis=-1).astype(np.float64)
+    ys, xs = np.mgrid[0 : w.shape[0], 0 : w.shape[1]]
+    return (w * (xs + 0.5)).sum() / w.sum(), (w * (ys + 0.5)).sum() / w.sum()
+
+
+@pytest.mark.parametrize("shape, area_factor", [("circle", math.pi / 4), ("square", 1.0), ("triangle", 0.5)])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_render_geometry_matches_the_rules(shape, area_factor, direction):
+    t_len, h, w = 16, 32, 32
+    clip = render_clip("yellow", shape, direction, num_frames=t_len, height=h, width=w, seed=11)
+    assert clip.dtype == np.uint8 and clip.shape == (t_len, h, w, 3)
+    assert not clip[..., 2].any()  # yellow has no blue, the background is black
+    side = 0.25 * 32
+    # The whole object is inside the frame on every frame: its anti-aliased mass is the analytic area.
+    mass = clip[..., 0].astype(np.float64).sum(axis=(1, 2)) / 255.0
+    np.testing.assert_allclose(mass, area_factor * side**2, rtol=0.04)
+    # Interior pixels are exactly the palette colour.
+    assert (clip[..., :2] == 255).all(axis=-1).sum() > 0.5 * area_factor * side**2 * t_len
+    # Straight line at constant speed, half the frame in the named direction.
+    cents = np.array([_soft_centroid(f) for f in clip])  # (T, 2) as (x, y)
+    disp = cents[-1] - cents[0]
+    dx, dy = {"left": (-16, 0), "right": (16, 0), "up": (0, -16), "down": (0, 16)}[direction]
+    np.testing.assert_allclose(disp, [dx, dy], atol=0.3)
+    np.testing.assert_allclose(np.diff(cents, axis=0), np.broadcast_to(disp / (t_len - 1), (t_len - 1, 2)), atol=0.2)
+
+
+def test_render_deterministic_by_seed():
+    a = render_clip("blue", "triangle", "up", seed=5)
+    assert np.array_equal(a, render_clip("blue", "triangle", "up", seed=5))
+    starts = {_soft_centroid(render_clip("blue", "triangle", "up", seed=s)[0]) for s in range(8)}
+    assert len({(round(x, 2), round(y, 2)) for x, y in starts}) == 8  # different seeds, different positions
+
+
+def test_render_rejects_bad_arguments_with_the_field_name():
+    with pytest.raises(ValueError, match="colour"):
+        render_clip("purple", "circle", "left")
+    with pytest.raises(ValueError, match="size"):
+        render_clip("red", "circle", "left", size=0.1)  # 3 pixels: not a shape any more
+    with pytest.raises(ValueError, match="speed"):
+        render_clip("red", "circle", "left", size=0.5, speed=0.8)  # does not fit
+    with pytest.raises(ValueError, match="background"):
+        render_clip("red", "circle", "left", background="stars")
+    with pytest.raises(ValueError, match="num_frames"):
+        render_clip("red", "circle", "left", num_frames=1)
+
+
+def test_harder_variants_keep_the_object_brightest():
+    clip = render_clip("red", "square", "down", seed=1, background="noise", distractors=3)
+    plain = render_clip("red", "square", "down", seed=1)
+    assert (clip != plain).any()
+    inside, touched = plain[..., 0] == 255, plain[..., 0] > 0
+    assert (clip[inside] == plain[inside]).all()  # the object is drawn over the background and distractors
+    assert clip[~touched].max() < 128  # which stay below half the object's brightness
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+def test_dataset_item_format_and_values():
+    ds = ShapesWorld(8, seed=3)
+    item = ds[2]
+    assert set(item) == {"video", "caption", "index"} and item["index"] == 2
+    v = item["video"]
+    assert v.dtype == torch.float32 and v.shape == (3, 16, 32, 32)
+    assert v.min() == -1.0 and v.max() == 1.0  # black background, saturated object
+    (colour, shape, direction), seed = ds.spec(2)
+    assert item["caption"] == caption(colour, shape, direction)
+    assert np.array_equal(video_to_clip(v), render_clip(colour, shape, direction, seed=seed))
+    assert torch.equal(clip_to_video(video_to_clip(v)), v)
+
+
+def test_dataset_deterministic_across_instances_and_workers():
+    a, b = ShapesWorld(6, seed=7), ShapesWorld(6, seed=7)
+    loader = torch.utils.data.DataLoader(b, batch_size=3, num_workers=2)
+    batches = list(loader)
+    videos = torch.cat([bt["video"] for bt in batches])
+    caps = sum((bt["caption"] for bt in batches), [])
+    for i in range(6):
+        assert torch.equal(a[i]["video"], videos[i]) and a[i]["caption"] == caps[i]
+    c = ShapesWorld(6, seed=8)
+    assert any(not torch.equal(a[i]["video"], c[i]["video"]) for i in range(6))
+
+
+def test_dataset_splits():
+    held = {caption(*c) for c in HELD_OUT}
+    train, heldout = ShapesWorld(600, split="train"), ShapesWorld(60, split="heldout")
+    assert {caption(*train.spec(i)[0]) for i in range(600)} == {caption(*c) for c in train_combinations()}
+    assert {caption(*heldout.spec(i)[0]) for i in range(60)} == held
+    assert all(train[i]["caption"] not in held for i in range(20))
+    assert {heldout[i]["caption"] for i in range(10)} <= held
+    with pytest.raises(ValueError, match="split"):
+        ShapesWorld(4, split="test")
+
+
+# ------------------------------------------------------------------------------------------------ evaluator
+
+
+@pytest.fixture(scope="module")
+def world_clips():
+    """Every combination at 3 seeds: 216 (clip, prompt) pairs."""
+    pairs = [(render_clip(*c, seed=seed), caption(*c)) for seed in (0, 1, 2) for c in all_combinations()]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def test_evaluator_reads_every_combination(world_clips):
+    clips, prompts = world_clips
+    res = evaluate_clips(clips, prompts)
+    assert res["num_clips"] == 216
+    for key in ("colour", "shape", "direction", "all_correct"):
+        assert res[key] >= 0.99, (key, res[key])
+    assert res["temporal"] >= 0.95 and all(0.0 <= c["temporal"] <= 1.0 for c in res["per_clip"])
+    assert res["heldout"]["num_clips"] == 18 and res["heldout"]["all_correct"] >= 0.99
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(height=64, width=64), dict(height=48, width=64, num_frames=8), dict(height=16, width=16, num_frames=8),
+     dict(size=0.4), dict(size=0.125),
+     dict(background="noise"), dict(background="gradient"), dict(distractors=3)],
+)  # fmt: skip
+def test_evaluator_reads_variants(kwargs):
+    combos = all_combinations()[::5]
+    res = evaluate_clips([render_clip(*c, seed=4, **kwargs) for c in combos], [caption(*c) for c in combos])
+    assert res["all_correct"] >= 0.99, res
+
+
+def _degrade(clip, rng, sigma, noise_std, gain):
+    x = ndimage.gaussian_filter(clip.astype(np.float64), sigma=(0, sigma, sigma, 0)) * gain
+    return np.clip(x + rng.normal(0, noise_std, x.shape), 0, 255).astype(np.uint8)
+
+
+def test_evaluator_robust_to_blur_and_noise():
+    """Generated clips are softer and noisier than the renders; the evaluator should still read them."""
+    rng = np.random.default_rng(0)
+    combos = all_combinations()
+    clips = [_degrade(render_clip(*c, seed=9), rng, sigma=1.5, noise_std=15, gain=0.8) for c in combos]
+    res = evaluate_clips(clips, [caption(*c) for c in combos])
+    assert min(res["colour"], res["shape"], res["direction"]) >= 0.97, res
+    assert res["temporal"] >= 0.8
+
+
+def _random_prompts(rng, n):
+    combos = all_combinations()
+    return [caption(*combos[i]) for i in rng.integers(len(combos), size=n)]
+
+
+def test_evaluator_on_noise_is_not_better_than_chance():
+    rng = np.random.default_rng(1)
+    n = 60
+    uniform = [rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    # Smooth, sparse noise makes drifting coloured blobs that the evaluator does read as objects; they must not
+    # match random prompts more often than chance.
+    blobs = []
+    for _ in range(n):
+        x = ndimage.gaussian_filter(rng.normal(0, 1, (16, 32, 32, 3)), (2, 3, 3, 0))
+        blobs.append(np.clip((x / x.std() - 1.8) * 255, 0, 255).astype(np.uint8))
+    assert sum(read_clip(b).colour is not None for b in blobs) >= n // 5
+    for clips in (uniform, blobs):
+        res = evaluate_clips(clips, _random_prompts(rng, n))
+        for key in ("colour", "shape", "direction"):
+            assert res[key] < 0.6 and res[key] <= CHANCE[key] + 0.15, (key, res[key])
+        assert res["all_correct"] <= 0.05
+        assert res["temporal"] < 0.5 and all(0.0 <= c["temporal"] <= 1.0 for c in res["per_clip"])
+    assert read_clip(uniform[0])[:3] == (None, None, None)
+
+
+def test_evaluator_against_mismatched_prompts_is_near_chance(world_clips):
+    """Real ShapesWorld clips scored against random prompts: each attribute matches at about chance rate."""
+    rng = np.random.default_rng(2)
+    clips = world_clips[0][::-1][:144]
+    res = evaluate_clips(clips, _random_prompts(rng, 144))
+    for key in ("colour", "shape", "direction"):
+        p = CHANCE[key]
+        assert abs(res[key] - p) <= 4 * math.sqrt(p * (1 - p) / 144), (key, res[key], p)
+    assert res["all_correct"] <= 0.05
+
+
+def test_evaluate_clip_fields_and_partial_credit():
+    clip = render_clip("green", "circle", "down", seed=0)
+    s = evaluate_clip(clip, "a green square moving down")
+    assert (s.colour, s.shape, s.direction) == ("green", "circle", "down")
+    assert s.colour_correct and not s.shape_correct and s.direction_correct and not s.all_correct
+    assert not s.held_out and evaluate_clip(clip, "a yellow circle moving down").held_out
+    colour, shape, direction, *_ = read_clip(clip)
+    assert (colour, shape, direction) == ("green", "circle", "down")
+    res = evaluate_clips([clip, clip], ["a green circle moving down", "a red circle moving up"])
+    assert (res["colour"], res["shape"], res["direction"], res["all_correct"]) == (0.5, 1.0, 0.5, 0.5)
+
+
+def test_static_and_empty_clips_are_read_as_none():
+    static = render_clip("white", "square", "left", speed=0.0, seed=0)
+    r = read_clip(static)
+    assert (r.colour, r.shape, r.direction) == ("white", "square", None)
+    assert not evaluate_clip(static, "a white square moving left").direction_correct
+    black = np.zeros((16, 32, 32, 3), dtype=np.uint8)
+    assert read_clip(black)[:3] == (None, None, None) and read_clip(black).temporal == 0.0
+
+
+def test_temporal_score_drops_for_flicker_and_jumps():
+    clip = render_clip("magenta", "triangle", "right", seed=3)
+    flicker = clip.copy()
+    flicker[1::2] = render_clip("green", "triangle", "right", seed=3)[1::2]
+    jumpy = clip[np.random.default_rng(0).permutation(16)]
+    base = read_clip(clip).temporal
+    assert base >= 0.95
+    assert read_clip(flicker).temporal < base - 0.2
+    assert read_clip(jumpy).temporal < base - 0.2
+
+
+def test_evaluator_rejects_wrong_layout():
+    clip = render_clip("red", "circle", "left")
+    with pytest.raises(ValueError, match=r"uint8 \[T, H, W, 3\]"):
+        read_clip(clip.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        read_clip(clip.transpose(3, 0, 1, 2))
+    with pytest.raises(ValueError, match="pair up"):
+        evaluate_clips([clip], [])
+    assert set(COLOURS) and set(SHAPES)
