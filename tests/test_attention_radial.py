@@ -1,0 +1,211 @@
+"""Radial attention: the mask follows the paper's rule, the block reduction is the reference's, and the fast path
+(FlexAttention) and the reference path (mask + SDPA) compute exactly `sparse_pattern("radial", ...).mask()`."""
+
+import time
+
+import pytest
+import torch
+
+from vdiff.attention import (
+    AttentionContext,
+    BackendUnavailable,
+    MaskCache,
+    available,
+    get_backend,
+    sparse_pattern,
+)
+from vdiff.attention.dense import reference_attention
+from vdiff.attention.radial import radial_block_grid, radial_token_mask
+from vdiff.config import AttentionConfig, RadialConfig
+
+# ---------------------------------------------------------------------------------------------------------------------
+# An independent, literal transcription of the rule (loops, no vectorisation), to hold the module to.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _literal_pair_mask(i, j, p, decay, bs, sink):
+    if sink and j == 0:
+        return torch.ones(p, p, dtype=torch.bool)
+    dist = abs(i - j)
+    undecayed = 2 ** p.bit_length() / 2 ** dist.bit_length()
+    if undecayed < 128 and dist % int(128 / undecayed) != 0:
+        return torch.zeros(p, p, dtype=torch.bool)
+    window = p if dist <= 1 else max(decay * undecayed, bs)
+    a = torch.arange(p)
+    return (a[:, None] - a[None, :]).abs() <= window
+
+
+def _literal_blocks(grid, decay, bs, sink):
+    """Each frame pair's token mask placed on the global block grid (zero-padded), reduced (col set if > 1/3 of the
+    block's rows; block kept if > 60% of non-empty cols set), OR-ed."""
+    t, h, w = grid
+    p, length = h * w, t * h * w
+    n = -(-length // bs)
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(t):
+        for j in range(t):
+            canvas = torch.zeros(n * bs, n * bs, dtype=torch.bool)
+            canvas[i * p:(i + 1) * p, j * p:(j + 1) * p] = _literal_pair_mask(i, j, p, decay, bs, sink)
+            col_density = canvas.view(n, bs, n, bs).sum(1).float() / bs  # (n, n, bs)
+            high = (col_density > 1 / 3).sum(-1).float()
+            nonempty = (col_density > 0).sum(-1).float()
+            out |= high / (nonempty + 1e-9) > 0.6
+    return out
+
+
+GRIDS = [
+    # grid, decay, block, sink: tokens per frame 64 (every far pair thinned out), 200 (not a multiple of the block,
+    # L = 1000 not either), 120 with blocks of 32, sink off
+    ((4, 8, 8), 1.0, 64, True),
+    ((5, 10, 20), 0.5, 64, True),
+    ((6, 10, 12), 0.3, 32, False),
+]
+
+
+@pytest.mark.parametrize("grid,decay,bs,sink", GRIDS)
+def test_masks_match_literal_rule(grid, decay, bs, sink):
+    t, h, w = grid
+    p = h * w
+    token = radial_token_mask(grid, decay_factor=decay, block_size=bs, sink=sink)
+    literal = torch.zeros_like(token)
+    for i in range(t):
+        for j in range(t):
+            literal[i * p:(i + 1) * p, j * p:(j + 1) * p] = _literal_pair_mask(i, j, p, decay, bs, sink)
+    assert torch.equal(token, literal)
+    blocks = radial_block_grid(grid, decay_factor=decay, block_size=bs, sink=sink)
+    assert torch.equal(blocks, _literal_blocks(grid, decay, bs, sink))
+    # the pattern's mask is those whole blocks over the L x L tokens, its density their share
+    pattern = sparse_pattern("radial", grid, decay_factor=decay, block_size=bs, sink=sink)
+    mask = pattern.mask()
+    expected = blocks.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[: t * p, : t * p]
+    assert torch.equal(mask, expected)
+    assert pattern.density == pytest.approx(mask.double().mean().item(), abs=1e-12)
+    assert 0 < pattern.density < 1
+    assert torch.equal(pattern.info["token_mask"](), token)
+
+
+def test_rule_known_answers():
+    # 4 frames of 256 tokens, block 128, decay 1, no sink: dist <= 1 whole pairs; dist 2..3: undecayed width
+    # 2**9 / 4 = 128 (not below 128: no thinning), band max(128, 128) = 128
+    token = radial_token_mask((4, 16, 16), decay_factor=1.0, block_size=128, sink=False)
+    p = 256
+    assert token[:2 * p, :2 * p].all()  # frames 0, 1 attend each other fully
+    pair_02 = token[:p, 2 * p:3 * p]
+    a = torch.arange(p)
+    assert torch.equal(pair_02, (a[:, None] - a[None, :]).abs() <= 128)
+    # with the sink every query attends all of frame 0
+    assert radial_token_mask((4, 16, 16), decay_factor=1.0, block_size=128, sink=True)[:, :p].all()
+
+
+def test_density_wan_768p_reference_value():
+    """Grid (18, 48, 80) (Wan 768p, 69 frames), decay 0.2, block 128, sink: the reference's 0.2871 block density."""
+    t0 = time.perf_counter()
+    pattern = sparse_pattern("radial", (18, 48, 80), decay_factor=0.2, block_size=128, sink=True)
+    assert pattern.density == pytest.approx(0.2871, abs=0.002)
+    assert pattern.info["block_density"] == pytest.approx(0.2871, abs=0.002)
+    assert time.perf_counter() - t0 < 10  # block-level computation, no [L, L] mask at 69k tokens
+
+
+@pytest.mark.parametrize("grid", [(21, 30, 52), (21, 45, 80)])
+def test_any_grid_not_multiple_of_block(grid):
+    # 1560 / 3600 tokens per frame: not multiples of 128; the last block is partial
+    pattern = sparse_pattern("radial", grid, decay_factor=0.2, block_size=128, sink=True)
+    assert 0.1 < pattern.density < 0.5
+    blocks = pattern.info["block_grid"]
+    assert blocks.diagonal().all()  # every query block attends its own block
+
+
+def _ctx(grid, decay, bs, sink, impl="auto", cache=None):
+    cfg = AttentionConfig(backend="radial", impl=impl, radial=RadialConfig(decay_factor=decay, block_size=bs, sink=sink))
+    return AttentionContext(grid=grid, config=cfg, mask_cache=cache if cache is not None else MaskCache())
+
+
+def _qkv(length, heads=2, dim=16, batch=2, requires_grad=False):
+    return [torch.randn(batch, length, heads, dim, requires_grad=requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("grid,decay,bs,sink", [GRIDS[0], GRIDS[1]])
+def test_fast_equals_reference_forward(grid, decay, bs, sink):
+    backend = get_backend("radial", "cpu")
+    length = grid[0] * grid[1] * grid[2]
+    q, k, v = _qkv(length)
+    expected = reference_attention(q, k, v, sparse_pattern("radial", grid, decay_factor=decay, block_size=bs,
+                                                           sink=sink).mask())
+    with torch.no_grad():
+        fast = backend.forward(q, k, v, _ctx(grid, decay, bs, sink, impl="fast"))
+        ref = backend.forward(q, k, v, _ctx(grid, decay, bs, sink, impl="reference"))
+    torch.testing.assert_close(fast.double(), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ref.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_backward_on_cpu_runs_reference_path_and_matches_float64():
+    grid, decay, bs, sink = GRIDS[1]
+    backend = get_backend("radial", "cpu")
+    length = grid[0] * grid[1] * grid[2]
+    q, k, v = _qkv(length, requires_grad=True)
+    grad_out = torch.randn(2, length, 2, 16)
+    out = backend.forward(q, k, v, _ctx(grid, decay, bs, sink, impl="auto"))
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = sparse_pattern("radial", grid, decay_factor=decay, block_size=bs, sink=sink).mask()
+    out64 = reference_attention(q64, k64, v64, mask)
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=2e-6, rtol=1e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_with_grad_on_cpu_raises_with_reason():
+    grid, decay, bs, sink = GRIDS[0]
+    q, k, v = _qkv(256, requires_grad=True)
+    with pytest.raises(BackendUnavailable, match="no backward on CPU"):
+        get_backend("radial", "cpu").forward(q, k, v, _ctx(grid, decay, bs, sink, impl="fast"))
+    status = available("cpu")["radial"]
+    assert status.available and "reference path" in status.description and "no backward" in status.description
+
+
+def test_masks_built_once_and_cached():
+    grid, decay, bs, sink = GRIDS[0]
+    backend = get_backend("radial", "cpu")
+    cache = MaskCache()
+    q, k, v = _qkv(256)
+    ctx = _ctx(grid, decay, bs, sink, impl="reference", cache=cache)
+    first = backend.forward(q, k, v, ctx)
+    misses = cache.misses
+    assert misses > 0
+    for layer in range(3):  # other layers, another step: nothing is rebuilt
+        again = backend.forward(q, k, v, ctx.for_layer(layer))
+        assert backend.density(ctx) == pytest.approx(sparse_pattern("radial", grid, decay_factor=decay,
+                                                                     block_size=bs, sink=sink).density)
+    assert cache.misses == misses + 1  # the density entry, once
+    assert torch.equal(first, again)
+    backend.density(ctx)
+    assert cache.misses == misses + 1 and cache.hits > 0
+
+
+def test_bad_options_name_the_field():
+    with pytest.raises(ValueError, match="attention.radial.block_size"):
+        sparse_pattern("radial", (2, 4, 4), block_size=100)
+    with pytest.raises(ValueError, match="attention.radial.decay_factor"):
+        sparse_pattern("radial", (2, 4, 4), decay_factor=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        sparse_pattern("radial", (2, 4, 4), window=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [64, 128])
+def test_fast_forward_backward_on_gpu(bs):
+    """On CUDA the fast path trains: forward and gradients equal the float64 masked reference."""
+    grid = (6, 16, 20)  # 320 tokens per frame: not a multiple of the block
+    length = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, length, 2, 32, device="cuda", requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(1, length, 2, 32, device="cuda")
+    out = get_backend("radial", "cuda").forward(q, k, v, _ctx(grid, 0.5, bs, True, impl="fast"))
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = sparse_pattern("radial", grid, decay_factor=0.5, block_size=bs, sink=True).mask().cuda()
+    out64 = reference_attention(q64, k64, v64, mask)
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-4, rtol=1e-3)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, atol=1e-3, rtol=1e-3)

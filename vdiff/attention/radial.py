@@ -1,0 +1,247 @@
+"""Radial attention (Li et al., arXiv 2506.19852), implemented from the paper's algorithm: a static mask whose
+compute decays exponentially with temporal distance.
+
+Tokens are frame-major (no reorder): frame i holds tokens [i * P, (i + 1) * P), P = H * W tokens per frame, a token's
+index inside its frame is a = h * W + w. For a (query frame i, key frame j) pair with dist = |i - j|:
+
+    sink (option `sink`)          j == 0: the whole pair (every query attends all of frame 0, the Wan setting)
+    band                          |a - b| <= window, with
+                                      window = P                                                  if dist <= 1
+                                      window = max(decay_factor * 2**bitlen(P) / 2**bitlen(dist), block_size)
+    temporal split                where the undecayed width u = 2**bitlen(P) / 2**bitlen(dist) is below 128
+                                  tokens, only pairs with dist % (128 / u) == 0 are kept (u and 128 are powers of two);
+                                  this applies to every non-sink pair, as in the paper's reference code (so with
+                                  P < 128 even adjacent frames drop out; dist 0 is always kept).
+
+The kernel computes whole `block_size` x `block_size` blocks of the global (frame-major) token grid. Each frame
+pair's token mask is reduced onto that grid: inside one block, a key column is *set* when more than 1/3 of the
+block's `block_size` rows (rows outside the frame count as unset) are set for it, and the block is kept when more than
+60% of its non-empty columns are set; the pairs' block grids are OR-ed. When L is not a multiple of block_size the
+last block row/column is partial; the kernel never reads past L.
+
+So there are two masks:
+    radial_token_mask(grid, ...)    the token-level rule above (what the paper draws), [L, L]
+    radial_block_grid(grid, ...)    the blocks the kernel computes, [N, N], N = ceil(L / block_size)
+`sparse_pattern("radial", grid, ...).mask()` is the *block-level* set expanded to tokens (exactly the pairs both the
+fast path and the reference path compute), and `.density` its fraction of the L x L pairs; `.info` has the
+token-level density and the `token_mask` callable.
+
+Implementations (`attention.impl`):
+    fast       FlexAttention with a BlockMask built from the block grid (every selected block full); compiled.
+    reference  the same block grid expanded to an explicit BoolTensor [L, L] + SDPA; any device, forward+backward.
+    auto       fast, except for calls that need a gradient where compiled Flex has no backward (CPU): reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from vdiff.attention.blocksparse import block_mask_from_blocks, choose_impl, expand_blocks
+from vdiff.attention.dense import flex_run, sdpa_attention
+from vdiff.attention.patterns import SparsePattern, register_pattern
+from vdiff.attention.registry import AttentionBackend, AttentionContext, register_backend
+from vdiff.config import RadialConfig
+
+SPLIT_THRESHOLD = 128  # tokens: below this undecayed band width, far frame pairs are thinned out (paper's constant)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class RadialOptions:
+    decay_factor: float
+    block_size: int
+    sink: bool
+
+    @classmethod
+    def make(cls, config: RadialConfig | None = None, **overrides) -> RadialOptions:
+        base = dataclasses.asdict(config or RadialConfig())
+        unknown = set(overrides) - set(base)
+        if unknown:
+            raise ValueError(f"radial: unknown option(s) {sorted(unknown)}; known: {sorted(base)}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        opts = cls(decay_factor=float(base["decay_factor"]), block_size=int(base["block_size"]), sink=bool(base["sink"]))
+        if not opts.decay_factor > 0:
+            raise ValueError(f"attention.radial.decay_factor must be > 0, got {opts.decay_factor}")
+        if opts.block_size not in BLOCK_SIZES:
+            raise ValueError(f"attention.radial.block_size must be one of {list(BLOCK_SIZES)}, got {opts.block_size}")
+        return opts
+
+
+def _check_grid(grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"radial: grid must be (T, H, W) with every entry >= 1, got {grid}")
+    return grid
+
+
+def pair_window(dist: int, tokens_per_frame: int, opts: RadialOptions) -> int | None:
+    """Band half-width |a - b| <= window for a non-sink frame pair at distance `dist`; None: the pair is dropped.
+    A window >= tokens_per_frame - 1 means the whole pair."""
+    p = tokens_per_frame
+    undecayed = 2 ** p.bit_length() / 2 ** dist.bit_length()
+    if undecayed < SPLIT_THRESHOLD and dist % int(SPLIT_THRESHOLD / undecayed) != 0:
+        return None
+    if dist <= 1:
+        return p
+    return int(max(opts.decay_factor * undecayed, opts.block_size))  # integer distances: floor is exact
+
+
+def _pair_windows(grid: tuple[int, int, int], opts: RadialOptions) -> list[list[int | None]]:
+    """[i][j] -> band half-width for frame pair (i, j) (tokens_per_frame = whole pair), None = not attended."""
+    t, h, w = grid
+    p = h * w
+    out = []
+    for i in range(t):
+        row = []
+        for j in range(t):
+            row.append(p if (opts.sink and j == 0) else pair_window(abs(i - j), p, opts))
+        out.append(row)
+    return out
+
+
+def radial_token_mask(grid: tuple[int, int, int], opts: RadialOptions | None = None, **options) -> torch.Tensor:
+    """The token-level radial rule as BoolTensor [L, L] over frame-major tokens (before block reduction)."""
+    grid = _check_grid(grid)
+    opts = opts or RadialOptions.make(**options)
+    t, h, w = grid
+    p = h * w
+    idx = torch.arange(p)
+    diff = (idx[:, None] - idx[None, :]).abs()  # (P, P) |a - b|
+    mask = torch.zeros(t * p, t * p, dtype=torch.bool)
+    for i, row in enumerate(_pair_windows(grid, opts)):
+        for j, window in enumerate(row):
+            if window is not None:
+                mask[i * p:(i + 1) * p, j * p:(j + 1) * p] = diff <= window
+    return mask
+
+
+def radial_block_grid(grid: tuple[int, int, int], opts: RadialOptions | None = None, **options) -> torch.Tensor:
+    """The blocks the kernel computes: BoolTensor [N, N], N = ceil(L / block_size), over frame-major tokens.
+
+    Vectorised per frame pair on counts (no [L, L] tensor): count[R, b] = rows of block R inside frame i with
+    |a - b| <= window, for each key b of frame j. Fast at Wan sizes (e.g. (18, 48, 80): 69k tokens).
+    """
+    grid = _check_grid(grid)
+    opts = opts or RadialOptions.make(**options)
+    t, h, w = grid
+    p, bs = h * w, opts.block_size
+    length = t * p
+    n = -(-length // bs)
+    blocks = torch.zeros(n, n, dtype=torch.bool)
+    b_local = torch.arange(p)  # key index inside its frame
+    reduced: dict[tuple[int, int, int], torch.Tensor] = {}  # a pair's blocks depend on (window, offsets) only
+    for i, row in enumerate(_pair_windows(grid, opts)):
+        r_first = (i * p) // bs
+        for j, window in enumerate(row):
+            if window is None:
+                continue
+            key = (min(window, p), (i * p) % bs, (j * p) % bs)
+            if key not in reduced:
+                reduced[key] = _reduce_pair(p, bs, *key, b_local)
+            keep = reduced[key]
+            c_first = (j * p) // bs
+            blocks[r_first:r_first + keep.shape[0], c_first:c_first + keep.shape[1]] |= keep
+    return blocks
+
+
+def _reduce_pair(p: int, bs: int, window: int, row_off: int, col_off: int, b_local: torch.Tensor) -> torch.Tensor:
+    """Block grid [nR, nC] of one frame pair whose frames start `row_off` / `col_off` tokens into a block."""
+    nr = (row_off + p - 1) // bs + 1
+    rb = torch.arange(nr)
+    r0 = (rb * bs - row_off).clamp(min=0)[:, None]  # (nR, 1) local row range [r0, r1) of each block in the frame
+    r1 = ((rb + 1) * bs - row_off).clamp(max=p)[:, None]
+    lo = torch.maximum(r0, b_local[None, :] - window)
+    hi = torch.minimum(r1, b_local[None, :] + window + 1)
+    count = (hi - lo).clamp(min=0)  # (nR, P) set rows per (row block, key)
+    col_block = (col_off + b_local) // bs  # (P,) key block of each key, relative to the frame's first block
+    nc = int(col_block[-1]) + 1
+    high = torch.zeros(nr, nc, dtype=torch.int32)
+    nonempty = torch.zeros(nr, nc, dtype=torch.int32)
+    high.index_add_(1, col_block, (3 * count > bs).int())  # a key column is set: > 1/3 of the block's rows
+    nonempty.index_add_(1, col_block, (count > 0).int())
+    return 5 * high > 3 * nonempty  # keep the block: > 60% of its non-empty columns set
+
+
+def _radial_pattern(grid, *, q=None, k=None, layer=0, **options) -> SparsePattern:
+    """Options: decay_factor, block_size, sink (defaults: `RadialConfig`)."""
+    grid = _check_grid(grid)
+    opts = RadialOptions.make(**options)
+    blocks = radial_block_grid(grid, opts)
+    length = grid[0] * grid[1] * grid[2]
+    density = _block_grid_density(blocks, opts.block_size, length)
+    return SparsePattern(
+        method="radial", grid=grid, density=density,
+        _mask_fn=lambda: expand_blocks(blocks, opts.block_size, length),
+        info={
+            "options": dataclasses.asdict(opts),
+            "block_grid": blocks,
+            "block_density": blocks.float().mean().item(),
+            "token_mask": lambda: radial_token_mask(grid, opts),
+            "note": ".mask()/.density are the whole blocks the kernel computes; token_mask() is the rule before "
+                    "block reduction",
+        },
+    )
+
+
+def _block_grid_density(blocks: torch.Tensor, block_size: int, length: int) -> float:
+    """Fraction of the L x L token pairs inside the selected blocks (the last block may be partial)."""
+    n = blocks.shape[-1]
+    sizes = torch.full((n,), block_size, dtype=torch.float64)
+    sizes[-1] = length - (n - 1) * block_size
+    return float(sizes @ blocks.double() @ sizes) / length**2
+
+
+register_pattern("radial", _radial_pattern)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backend
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RadialBackend(AttentionBackend):
+    name = "radial"
+    sparse = True
+    description = (
+        "radial attention (static, frame-major): fast = FlexAttention block mask (GPU; on CPU forward only, compiled "
+        "Flex has no backward), reference = explicit mask + SDPA (any device). impl=auto trains on CPU through the "
+        "reference path (same pairs); impl=fast with a gradient on CPU raises."
+    )
+
+    def _key(self, ctx: AttentionContext, opts: RadialOptions, what: str, device=None):
+        return ("radial", what, tuple(ctx.grid), dataclasses.astuple(opts), str(device) if device else None)
+
+    def _blocks(self, ctx: AttentionContext, opts: RadialOptions) -> torch.Tensor:
+        return ctx.mask_cache.get_or_build(self._key(ctx, opts, "blocks"), lambda: radial_block_grid(ctx.grid, opts))
+
+    def density(self, ctx: AttentionContext) -> float:
+        opts = RadialOptions.make(ctx.config.radial)
+        length = ctx.num_tokens
+        return ctx.mask_cache.get_or_build(
+            self._key(ctx, opts, "density"),
+            lambda: _block_grid_density(self._blocks(ctx, opts), opts.block_size, length),
+        )
+
+    def forward(self, q, k, v, ctx):
+        opts = RadialOptions.make(ctx.config.radial)
+        length = ctx.num_tokens
+        if q.shape[1] != length:
+            raise ValueError(f"radial: q has {q.shape[1]} tokens but grid {ctx.grid} has {length}")
+        impl = choose_impl("radial", ctx.config.impl, q)
+        if impl == "fast":
+            block_mask = ctx.mask_cache.get_or_build(
+                self._key(ctx, opts, "flex", q.device),
+                lambda: block_mask_from_blocks(self._blocks(ctx, opts), opts.block_size, length, q.device),
+            )
+            return flex_run(q, k, v, block_mask)
+        mask = ctx.mask_cache.get_or_build(
+            self._key(ctx, opts, "mask", q.device),
+            lambda: expand_blocks(self._blocks(ctx, opts), opts.block_size, length).to(q.device),
+        )
+        return sdpa_attention(q, k, v, mask)
+
+
+register_backend(RadialBackend())
