@@ -21,8 +21,16 @@ usage: ./launch.sh COMMAND [ARGS...]
 
   setup                 create .venv and install vdiff (CPU torch where there is no GPU; an existing CUDA torch is kept)
   test [PYTEST ARGS]    run the test suite (installs first if needed)
+  sample --checkpoint DIR --prompt TEXT --out FILE [key=value ...]
+                        generate a video (.mp4/.gif/.webm); ./launch.sh sample --help lists the settings
+  train --config FILE [--nproc N] [--nodes N --node-rank R --master-addr HOST --master-port P] [key=value ...]
+                        train with torchrun: one process per GPU (--nproc defaults to the GPU count, 1 on CPU);
+                        multi-node: run the same command on every node with its --node-rank
   bench NAME [ARGS]     run a benchmark: prints a table, writes JSON under bench/results/
                         NAME is one of: $(bench_names)
+  serve --checkpoint DIR [--host 127.0.0.1] [--port 7860]
+                        web UI + /generate API for a pipeline folder (VDIFF_AUTH=user:pass for a login)
+  demo [ARGS]           serve the bundled tiny model on http://127.0.0.1:7860 (no download, no GPU)
   help                  this message
 
 Every command except help runs setup first when .venv is missing.
@@ -76,6 +84,30 @@ ensure_setup() { setup; }
 
 vpy() { "$VENV/bin/python" "$@"; }
 
+# ./launch.sh train: torchrun around `python -m train`. Launcher flags are ours; everything else goes to the trainer.
+train_cmd() {
+    local nproc="" nodes=1 node_rank=0 addr=127.0.0.1 port="${MASTER_PORT:-29500}" args=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --nproc|--gpus) nproc="$2"; shift 2 ;;
+            --nodes) nodes="$2"; shift 2 ;;
+            --node-rank) node_rank="$2"; shift 2 ;;
+            --master-addr) addr="$2"; shift 2 ;;
+            --master-port) port="$2"; shift 2 ;;
+            -h|--help) vpy -m train --help; return 0 ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    if [ -z "$nproc" ]; then
+        nproc="$(vpy -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+    fi
+    local rdzv=(--standalone)
+    if [ "$nodes" -gt 1 ]; then
+        rdzv=(--nnodes "$nodes" --node-rank "$node_rank" --master-addr "$addr" --master-port "$port")
+    fi
+    vpy -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$nproc" -m train "${args[@]}"
+}
+
 cmd="${1:-help}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -95,6 +127,22 @@ case "$cmd" in
         shift
         cd "$ROOT"
         vpy -m "bench.$name" "$@" ;;
+    serve)
+        ensure_setup
+        cd "$ROOT"
+        vpy -m serve "$@" ;;
+    demo)
+        ensure_setup
+        cd "$ROOT"
+        vpy -m serve --demo "$@" ;;
+    sample)
+        ensure_setup
+        cd "$ROOT"
+        vpy "$ROOT/scripts/sample.py" "$@" ;;
+    train)
+        ensure_setup
+        cd "$ROOT"
+        train_cmd "$@" ;;
     help|-h|--help)
         usage ;;
     *)

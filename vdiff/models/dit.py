@@ -334,12 +334,23 @@ class VideoDiT(ModelMixin, ConfigMixin):
             if temb.ndim == 3:
                 temb, temb_proj = temb[:, perm], temb_proj[:, perm]
 
+        # Sequence parallel (vdiff.parallel, training): this rank keeps its chunk of the tokens, RoPE rows and
+        # per-token modulation; attention all-to-alls inside dispatch(); chunks are gathered before the output head.
+        sp = ctx.sequence_parallel
+        if sp is not None:
+            sp.check(x.shape[1], self.config.num_attention_heads)
+            x, cos, sin = sp.split(x, 1), sp.split(cos, 0), sp.split(sin, 0)  # (B, L/N, D), (L/N, 1, Dh/2)
+            if temb_proj.ndim == 4:
+                temb_proj = sp.split(temb_proj, 1)  # (B, L/N, 6, D)
+
         for i, block in enumerate(self.blocks):
             block_ctx = ctx.for_layer(i)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, context, temb_proj, (cos, sin), block_ctx)
             else:
                 x = block(x, context, temb_proj, (cos, sin), block_ctx)  # (B, L, D)
+        if sp is not None:
+            x = sp.all_gather(x, 1)  # (B, L, D)
 
         if temb.ndim == 3:  # per-token timesteps
             shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, L, D)

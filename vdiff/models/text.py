@@ -60,8 +60,12 @@ class HFTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> TextEmbeddings:
+        """Prompts -> per-token hidden states (through `forward`, so hooks such as the prompt cache apply)."""
+        return self([prompts] if isinstance(prompts, str) else list(prompts))
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str] | str) -> TextEmbeddings:
         if isinstance(prompts, str):
             prompts = [prompts]
         tokens = self.tokenizer(

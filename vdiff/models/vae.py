@@ -1,5 +1,6 @@
 """Latent spaces. `PixelPatchVAE`: pixels <-> non-overlapping space-time patches stacked on channels (no weights),
-the latent space of the tiny models. (Wan's AutoencoderKLWan is wrapped beside it for real checkpoints.)
+the latent space of the tiny models. `WanVAE`: diffusers' AutoencoderKLWan (Wan2.1's causal 3D VAE) from a local
+folder, with Wan's latent normalisation. `load_vae(folder)` picks the right one from the saved config.
 
 Video tensors are (B, 3, F, H, W) in [-1, 1]; latents are (B, C, F', H', W').
 """
@@ -64,3 +65,81 @@ class PixelPatchVAE(nn.Module):
     def from_pretrained(cls, path: str | Path) -> PixelPatchVAE:
         cfg = json.loads((Path(path) / cls.config_name).read_text())
         return cls(tuple(cfg["stride"]), cfg.get("channels", 3))
+
+
+class WanVAE(nn.Module):
+    """diffusers `AutoencoderKLWan` with Wan's latent normalisation: z_norm = (z - latents_mean) / latents_std.
+
+    Stride (4, 8, 8) for Wan2.1: frames must be 4k+1 (the first frame is encoded on its own), so 81 frames at
+    480 x 832 become latents (21, 60, 104) with 16 channels.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        st = getattr(cfg, "scale_factor_temporal", None) or 2 ** sum(cfg.temperal_downsample)
+        ss = getattr(cfg, "scale_factor_spatial", None) or 2 ** len(cfg.temperal_downsample)
+        self.stride = (int(st), int(ss), int(ss))
+        self.latent_channels = int(cfg.z_dim)
+        if len(cfg.latents_mean) != self.latent_channels or len(cfg.latents_std) != self.latent_channels:
+            raise ValueError(f"AutoencoderKLWan config: latents_mean/latents_std need z_dim={self.latent_channels} values")
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        st, sh, sw = self.stride
+        return (num_frames - 1) // st + 1, height // sh, width // sw
+
+    def check_size(self, num_frames: int, height: int, width: int) -> str | None:
+        """None if (frames, height, width) fit the VAE, else a message saying which values would."""
+        st, sh, sw = self.stride
+        if num_frames < 1 or (num_frames - 1) % st:
+            lo = max(1, (num_frames - 1) // st * st + 1)
+            return f"num_frames={num_frames} must be {st}k+1 for this VAE (e.g. {lo} or {lo + st})"
+        for name, value, s in (("height", height, sh), ("width", width, sw)):
+            if value < s or value % s:
+                return f"{name}={value} must be a positive multiple of {s} (e.g. {max(s, value // s * s)})"
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, F', H', W')."""
+        msg = self.check_size(*video.shape[2:])
+        if msg:
+            raise ValueError(msg)
+        dist = self.vae.encode(video.to(self.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return (z.float() - self.latents_mean) / self.latents_std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, F', H', W') -> video (B, 3, F, H, W) in [-1, 1]."""
+        z = latents.float() * self.latents_std + self.latents_mean
+        return self.vae.decode(z.to(self.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.vae.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32) -> WanVAE:
+        from diffusers import AutoencoderKLWan
+
+        return cls(AutoencoderKLWan.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True))
+
+
+def load_vae(path: str | Path, torch_dtype: torch.dtype = torch.float32) -> PixelPatchVAE | WanVAE:
+    """The VAE saved in `path`: a PixelPatchVAE (vae_config.json) or a diffusers AutoencoderKLWan (config.json)."""
+    path = Path(path)
+    if (path / PixelPatchVAE.config_name).is_file():
+        return PixelPatchVAE.from_pretrained(path)
+    if (path / "config.json").is_file():
+        cls_name = json.loads((path / "config.json").read_text()).get("_class_name")
+        if cls_name == "AutoencoderKLWan":
+            return WanVAE.from_pretrained(path, torch_dtype)
+        raise ValueError(f"{path}: unsupported VAE class {cls_name!r} (supported: AutoencoderKLWan, pixel_patch)")
+    raise FileNotFoundError(f"no VAE in {path}: expected {PixelPatchVAE.config_name} or a diffusers config.json")

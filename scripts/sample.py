@@ -1,0 +1,108 @@
+"""Sample a video from a pipeline folder.
+
+    ./launch.sh sample --checkpoint checkpoints/shapes-tiny --prompt "a red circle moving right" --out clip.mp4
+    ./launch.sh sample --checkpoint DIR --prompt "..." --out clip.gif num_frames=16 num_inference_steps=20 seed=3 \\
+        attention=radial cache=[text_kv,mask,step] step.threshold=0.1 sampler=euler shift=5
+
+key=value settings (YAML values): num_frames, height, width, num_inference_steps, guidance_scale, seed,
+negative_prompt, sampler (unipc | euler), shift, fps, attention (a backend name, or attention.FIELD=... for
+AttentionConfig fields, e.g. attention.backend=radial attention.radial.decay_factor=0.9), cache (a list of
+text_kv | mask | step | prompt; [] for none), step.FIELD=... (StepCacheConfig: threshold, warmup_steps,
+max_consecutive_skips). Anything not given takes the checkpoint's defaults (its vdiff.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path("checkpoints/shapes-tiny")
+CALL_KEYS = {"num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "negative_prompt",
+             "sampler", "shift", "attention", "cache"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="./launch.sh sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"pipeline folder (VideoPipeline.save_pretrained or a Wan2.1 diffusers folder); default {DEFAULT_CHECKPOINT}")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="text prompt; repeat for a batch (outputs get _0, _1, ... suffixes)")
+    p.add_argument("--out", type=Path, required=True, help="output video: .mp4, .gif or .webm")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--stats", type=Path, default=None, help="also write the call's stats as JSON here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling settings (see above)")
+    return p.parse_args(argv)
+
+
+def call_kwargs(overrides: list[str]) -> tuple[dict, int | None]:
+    """key=value strings -> VideoPipeline.__call__ kwargs (and an fps for saving)."""
+    from vdiff.cache import StepCacheConfig
+    from vdiff.config import ConfigError, from_dict, parse_overrides
+
+    values = parse_overrides(overrides)
+    fps = values.pop("fps", None)
+    step = values.pop("step", None)
+    unknown = sorted(set(values) - CALL_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; known: {sorted(CALL_KEYS | {'fps', 'step.*'})}")
+    if step is not None:
+        step_cfg = from_dict(StepCacheConfig, step, prefix="step.")
+        cache = values.get("cache")
+        if cache is None:
+            raise ConfigError("step.* settings need cache=[...,step,...] to say which caches to use")
+        values["cache"] = [step_cfg if c == "step" else c for c in cache]
+    return values, fps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vdiff.config import ConfigError
+
+    try:
+        kwargs, fps = call_kwargs(args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ckpt = args.checkpoint or DEFAULT_CHECKPOINT
+    if not ckpt.is_dir():
+        hint = " (the bundled tiny model is not built yet; pass --checkpoint DIR)" if args.checkpoint is None else ""
+        print(f"error: --checkpoint {ckpt} is not a folder{hint}", file=sys.stderr)
+        return 2
+    if args.out.suffix.lower() not in (".mp4", ".gif", ".webm"):
+        print(f"error: --out {args.out}: use a .mp4, .gif or .webm file name", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from vdiff import VideoPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    pipe = VideoPipeline.from_pretrained(ckpt, device=device, torch_dtype=getattr(torch, dtype_name))
+    prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    try:
+        out = pipe(prompts, progress=True, **kwargs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = [args.out] if len(out.prompts) == 1 else \
+        [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(out.prompts))]
+    for i, path in enumerate(paths):
+        out.save(path, index=i, fps=fps)
+        print(f"wrote {path}  ({out.videos.shape[1]} frames, {out.videos.shape[2]}x{out.videos.shape[3]}, "
+              f"prompt {out.prompts[i]!r})")
+    s = out.stats
+    print(f"seed {out.seed}; {s.total_s:.2f} s total, {s.step_mean_s * 1000:.1f} ms/step x {len(s.step_s)}, "
+          f"{s.tokens} tokens, attention density {s.attention.density:.3f}, caches {json.dumps(s.cache)}")
+    if args.stats:
+        args.stats.write_text(json.dumps(dict(s.as_dict(), seed=out.seed, prompts=out.prompts), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Serve a text-to-video checkpoint: a web page and the `/generate` API.
+
+    python -m serve --checkpoint checkpoints/shapes-tiny            # http://127.0.0.1:7860
+    python -m serve --demo                                          # the bundled tiny model (see --help)
+    VDIFF_AUTH=user:secret python -m serve --checkpoint DIR --host 0.0.0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "checkpoints" / "shapes-tiny"
+DEMO_FALLBACK = ROOT / "outputs" / "demo-pipeline"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="./launch.sh serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Login: set VDIFF_AUTH=user:password to require a login (page and API; gradio_client takes "
+               "auth=(user, password)). Without it the server is open to whoever can reach --host.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a VideoPipeline folder (VideoPipeline.save_pretrained)")
+    src.add_argument("--demo", action="store_true",
+                     help=f"serve the bundled tiny model {BUNDLED.relative_to(ROOT)}; if it is not there, a tiny "
+                          f"pipeline with RANDOM (untrained) weights made once under {DEMO_FALLBACK.relative_to(ROOT)}")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices, one pipeline and one concurrent generation each "
+                        "(default: every GPU, else cpu)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests that may wait for a free device; more are answered 'busy, retry' (default 8)")
+    p.add_argument("--max-outputs", type=int, default=64,
+                   help="videos kept in the server's temp area; older ones are deleted (default 64)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="largest request in latent tokens (frames x height x width after VAE and patching)")
+    p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def demo_checkpoint() -> tuple[Path, str | None]:
+    """The bundled tiny model, or (made once) a tiny random-weight pipeline and a banner that says so."""
+    if any((BUNDLED / name).is_file() for name in ("vdiff.json", "vdiff.yaml", "model_index.json")):
+        return BUNDLED, None
+    banner = (f"**Demo with UNTRAINED weights.** The bundled model `{BUNDLED.relative_to(ROOT)}` is not in this "
+              f"checkout, so this is a tiny pipeline with random weights (`{DEMO_FALLBACK.relative_to(ROOT)}`): "
+              "it exercises the whole app, but its videos are noise, not what the prompt says.")
+    if not (DEMO_FALLBACK / "vdiff.json").exists():
+        from serve.demo import make_random_pipeline
+
+        print(f"[demo] {BUNDLED} not found: writing a tiny random-weight pipeline to {DEMO_FALLBACK}", flush=True)
+        make_random_pipeline(DEMO_FALLBACK)
+    return DEMO_FALLBACK, banner
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serve.app import parse_auth, serve
+
+    try:
+        auth = parse_auth(os.environ.get("VDIFF_AUTH"))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    banner = None
+    if args.demo:
+        checkpoint, banner = demo_checkpoint()
+    else:
+        checkpoint = args.checkpoint
+        if not checkpoint.is_dir():
+            print(f"error: --checkpoint {checkpoint} is not a folder (a VideoPipeline.save_pretrained output)",
+                  file=sys.stderr)
+            return 2
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if banner:
+        print("[demo] " + banner.replace("**", ""), flush=True)
+    serve(checkpoint, host=args.host, port=args.port, devices=devices, max_queue=args.max_queue,
+          max_outputs=args.max_outputs, max_tokens=args.max_tokens, max_steps=args.max_steps, auth=auth,
+          banner=banner, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

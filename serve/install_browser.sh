@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what tests/test_browser.py needs: headless Chromium and its WebDriver (Debian packages).
+# Idempotent: does nothing when both are already on PATH. Needs root (or sudo) and the Debian package mirror.
+set -euo pipefail
+
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    echo "[browser] chromium and chromedriver already installed"
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+        echo "[browser] need root to install chromium chromium-driver (apt-get)" >&2; exit 1
+    fi
+fi
+echo "[browser] installing chromium chromium-driver (Debian)"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+echo "[browser] $(chromium --version 2>/dev/null | head -1); $(chromedriver --version | head -1)"

@@ -1,0 +1,375 @@
+"""Request handling behind the web app: a bounded queue, one pipeline per device, and a bounded output area.
+
+    pool = WorkerPool.from_pretrained("checkpoints/shapes-tiny", max_queue=8)   # loads one pipeline per device
+    job = pool.submit(request)          # raises ServerBusy at once when the queue is full
+    job.wait()                          # or add_listener(...) and poll from asyncio
+    job.result.path, job.result.stats
+
+Each device has one worker thread that owns one `VideoPipeline` (loaded once, at start) and runs one request at a
+time, so concurrency equals the number of devices and no sampler/scheduler state is shared between requests (the
+pipeline builds its scheduler per call). Requests wait in one queue and go to whichever device is free.
+Nothing here is global: a pool is an object the app holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serve.validation import GenerationRequest, RequestError
+
+log = logging.getLogger("vdiff.serve")
+
+# A step hook sees every denoising step of every request (job, step_index, num_steps); raising stops that request.
+StepHook = Callable[["Job", int, int], None]
+
+
+class ServerBusy(RuntimeError):
+    """The request queue is full (or the server is shutting down): the client should retry later."""
+
+
+class GenerationFailed(RuntimeError):
+    """A request failed on the server; the message is safe to show to the client."""
+
+
+class OutOfMemory(GenerationFailed):
+    """The device ran out of memory for this request; the worker freed what it could and keeps serving."""
+
+
+class Cancelled(GenerationFailed):
+    """The client cancelled or disconnected; the pipeline stopped at the next denoising step."""
+
+
+def default_devices() -> list[str]:
+    """One entry per GPU, or ["cpu"] without one."""
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA and others) and the CPU allocator's failure are both out-of-memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output files: server-chosen names in one temp folder, at most `max_files` kept, removed on close.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OutputStore:
+    """A bounded temp area for generated videos. Names are random; clients never choose a path."""
+
+    def __init__(self, root: str | Path | None = None, max_files: int = 64):
+        if max_files < 1:
+            raise ValueError(f"max_files must be >= 1, got {max_files}")
+        self._owned = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="vdiff-serve-")) if root is None else Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_files = max_files
+        self._files: deque[Path] = deque()
+        self._lock = threading.Lock()
+
+    def new_path(self, suffix: str = ".mp4") -> Path:
+        return self.root / f"{uuid.uuid4().hex}{suffix}"
+
+    def add(self, path: Path) -> None:
+        """Record a written file and delete the oldest ones beyond `max_files`."""
+        with self._lock:
+            self._files.append(path)
+            while len(self._files) > self.max_files:
+                self._files.popleft().unlink(missing_ok=True)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_file())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned:
+                shutil.rmtree(self.root, ignore_errors=True)
+            else:
+                for path in self._files:
+                    path.unlink(missing_ok=True)
+            self._files.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobResult:
+    path: Path
+    stats: dict[str, Any]
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Job:
+    """One request on its way through the pool. Progress fields are written by the worker thread."""
+
+    request: GenerationRequest
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    device: str | None = None
+    step: int = 0
+    num_steps: int = 0
+    result: JobResult | None = None
+    error: BaseException | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _on_cancel: Callable[[Job], None] | None = field(default=None, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the job to stop: removed from the queue if waiting, stopped at the next step if running."""
+        if self._done.is_set() or self._cancel.is_set():
+            return
+        self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """`fn()` is called (from the worker thread) when the job starts, after each step, and when it ends."""
+        self._listeners.append(fn)
+        if self.done:
+            fn()
+
+    def wait(self, timeout: float | None = None) -> JobResult:
+        """Block until the job ends; return its result or raise its error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def _notify(self) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:  # a listener (e.g. a closed event loop) must never break the worker
+                log.debug("job listener failed", exc_info=True)
+
+    def _finish(self, result: JobResult | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self._done.set()
+        self._notify()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pool
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """A bounded FIFO of jobs served by one worker thread per pipeline (one pipeline per device)."""
+
+    def __init__(self, pipelines: Sequence[Any], devices: Sequence[str] | None = None, *, max_queue: int = 8,
+                 store: OutputStore | None = None, step_hooks: Sequence[StepHook] = (), video_format: str = "mp4"):
+        if not pipelines:
+            raise ValueError("WorkerPool needs at least one pipeline")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.devices = list(devices) if devices is not None else [str(getattr(p, "device", "cpu")) for p in pipelines]
+        if len(self.devices) != len(pipelines):
+            raise ValueError(f"got {len(pipelines)} pipelines for {len(self.devices)} devices")
+        self.pipelines = list(pipelines)
+        self.max_queue = max_queue
+        self.store = store or OutputStore()
+        self.step_hooks: list[StepHook] = list(step_hooks)
+        self.video_format = video_format
+        self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "busy": 0, "out_of_memory": 0}
+        self._waiting: deque[Job] = deque()
+        self._running: dict[str, Job] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, args=(pipe, device), name=f"vdiff-worker-{device}", daemon=True)
+            for pipe, device in zip(self.pipelines, self.devices)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, devices: Sequence[str] | None = None, **kwargs: Any) -> WorkerPool:
+        """Load one pipeline per device (all GPUs by default, else the CPU) once, and start the workers."""
+        from vdiff import VideoPipeline
+
+        devices = list(devices) if devices else default_devices()
+        pipelines = []
+        for device in devices:
+            log.info("loading %s on %s", checkpoint, device)
+            pipelines.append(VideoPipeline.from_pretrained(checkpoint).to(device))
+        return cls(pipelines, devices, **kwargs)
+
+    # ---- client side -------------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request. Raises `ServerBusy` at once when `max_queue` requests are already waiting."""
+        job = Job(request)
+        job._on_cancel = self._dequeue
+        with self._cond:
+            if self._closed:
+                raise ServerBusy("the server is shutting down; retry in a moment")
+            idle = len(self.pipelines) - len(self._running)
+            if len(self._waiting) >= self.max_queue + max(idle, 0):
+                self.counts["busy"] += 1
+                raise ServerBusy(f"server busy: {len(self._running)} generating and {len(self._waiting)} waiting "
+                                 f"(queue limit {self.max_queue}); retry in a few seconds")
+            self.counts["submitted"] += 1
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def queue_position(self, job: Job) -> int | None:
+        """0-based position among waiting jobs, or None once it runs."""
+        with self._cond:
+            try:
+                return self._waiting.index(job)
+            except ValueError:
+                return None
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {"devices": list(self.devices), "running": len(self._running), "waiting": len(self._waiting),
+                    "max_queue": self.max_queue, **self.counts}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel waiting and running jobs, stop the workers, delete the output area."""
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            running = list(self._running.values())
+            self._cond.notify_all()
+        for job in waiting:
+            job._cancel.set()
+            job._finish(error=Cancelled("the server is shutting down"))
+        for job in running:
+            job._cancel.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self.store.close()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _dequeue(self, job: Job) -> None:
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return  # already running: the step callback sees the cancel flag
+            self.counts["cancelled"] += 1
+        job._finish(error=Cancelled("cancelled while waiting in the queue"))
+
+    # ---- worker side -------------------------------------------------------------------------------------------
+
+    def _next(self, device: str) -> Job | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            job = self._waiting.popleft()
+            self._running[device] = job
+            return job
+
+    def _serve(self, pipe: Any, device: str) -> None:
+        while (job := self._next(device)) is not None:
+            try:
+                result, error = self._run(pipe, device, job), None
+            except BaseException as exc:  # every failure ends this job only; the worker keeps serving
+                result, error = None, exc
+            with self._cond:
+                self._running.pop(device, None)
+                key = ("completed" if error is None else "cancelled" if isinstance(error, Cancelled)
+                       else "out_of_memory" if isinstance(error, OutOfMemory) else "failed")
+                self.counts[key] += 1
+            job._finish(result, error)
+
+    def _run(self, pipe: Any, device: str, job: Job) -> JobResult:
+        job.started_at, job.device = time.perf_counter(), device
+        job.num_steps = job.request.num_inference_steps
+        job._notify()
+
+        def on_step(step_index: int, num_steps: int, latents: torch.Tensor) -> bool:
+            job.step, job.num_steps = step_index + 1, num_steps
+            for hook in self.step_hooks:
+                hook(job, step_index, num_steps)
+            job._notify()
+            return not job.cancelled
+
+        request = job.request
+        try:
+            out = pipe(**request.pipeline_kwargs(), callback=on_step)
+            if job.cancelled:
+                raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps")
+            path = self.store.new_path(f".{self.video_format}")
+            out.save(path)
+            self.store.add(path)
+        except (Cancelled, GenerationFailed):
+            raise
+        except RequestError:
+            raise
+        except ValueError as exc:  # the pipeline's own argument checks: the client's mistake, shown as is
+            raise RequestError(str(exc)) from exc
+        except BaseException as exc:
+            if job.cancelled:
+                raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps") from exc
+            if is_out_of_memory(exc):
+                del exc
+                self._free_memory(device)
+                log.warning("out of memory on %s for %s", device, _describe(request))
+                raise OutOfMemory(
+                    f"out of memory on {device} generating {_describe(request)}; try fewer frames, a smaller size "
+                    f"or a sparse attention backend. The server has freed the memory and keeps serving."
+                ) from None
+            log.error("generation failed on %s for %s:\n%s", device, _describe(request), traceback.format_exc())
+            raise GenerationFailed(f"generation failed on the server ({type(exc).__name__}: {exc})") from exc
+        finished = time.perf_counter()
+        stats = out.stats.as_dict() if hasattr(out.stats, "as_dict") else dict(out.stats)
+        stats.update(num_frames=request.num_frames, height=request.height, width=request.width,
+                     num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                     seed=request.seed, device=device, attention=request.attention, cache_names=list(request.cache),
+                     queue_s=round(job.started_at - job.submitted_at, 4), run_s=round(finished - job.started_at, 4))
+        return JobResult(path=path, stats=stats)
+
+    @staticmethod
+    def _free_memory(device: str) -> None:
+        gc.collect()
+        if device.startswith("cuda") and torch.cuda.is_available():
+            with torch.cuda.device(torch.device(device)):
+                torch.cuda.empty_cache()
+
+
+def _describe(request: GenerationRequest) -> str:
+    return (f"{request.num_frames}x{request.height}x{request.width}, {request.num_inference_steps} steps, "
+            f"attention {request.attention}")

@@ -1,0 +1,72 @@
+"""Shared by tests/test_serve.py and tests/test_browser.py: a real tiny pipeline on disk, a real server on loopback.
+
+No fake pipeline: the checkpoint is a random-weight tiny VideoPipeline written with `save_pretrained` and served
+through `serve.app.serve`, exactly as `./launch.sh serve --checkpoint DIR` does.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from serve.worker import Job
+
+HOLD = "[hold]"  # a prompt containing this waits at its first step until released or cancelled
+OOM = "[oom]"  # a prompt containing this raises torch.OutOfMemoryError at its second step
+
+
+def save_tiny_pipeline(path: Path) -> Path:
+    from vdiff import VideoPipeline
+    from vdiff.config import model_preset
+
+    pipe = VideoPipeline.from_model_config(model_preset("tiny", num_layers=2), seed=0)
+    return pipe.save_pretrained(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StepControl:
+    """Step hooks for the server's workers: hold marked requests at step 0 (until released or cancelled), and raise
+    a real torch.OutOfMemoryError inside the pipeline's denoising loop for [oom] requests."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.held = threading.Event()  # set while a held request is waiting
+
+    def __call__(self, job: Job, step: int, num_steps: int) -> None:
+        prompt = job.request.prompt
+        if OOM in prompt and step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated by the test)")
+        if HOLD in prompt and step == 0:
+            self.held.set()
+            deadline = time.monotonic() + 60
+            while not self.release.is_set() and not job.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.held.clear()
+
+
+def decode_video(path: str | Path) -> np.ndarray:
+    """All frames of a video file as uint8 (T, H, W, 3), decoded with PyAV (what a player would show)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264", stream.codec_context.name
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,565 @@
+"""VideoPipeline: text -> video with a VideoDiT, a text encoder, a VAE and a diffusers flow-matching scheduler.
+
+    from vdiff import VideoPipeline
+    pipe = VideoPipeline.from_pretrained("checkpoints/shapes-tiny")
+    out = pipe("a red circle moving right", num_frames=16, height=32, width=32, num_inference_steps=30,
+               guidance_scale=5.0, seed=0, attention="radial", cache=["text_kv"])
+    out.frames          # numpy uint8 (T, H, W, 3); batched prompts: out.videos (B, T, H, W, 3), frames = videos[0]
+    out.save("clip.mp4")   # .mp4, .gif or .webm
+    out.stats           # timings, attention density, cache hits / misses
+
+Folder layout (`save_pretrained` / `from_pretrained`):
+    vdiff.json (or vdiff.yaml)   PipelineConfig: defaults (frames, size, steps, guidance, attention, caches, ...)
+    transformer/                 VideoDiT (diffusers format, safetensors; a WanTransformer3DModel folder loads too)
+    vae/                         PixelPatchVAE (vae_config.json) or AutoencoderKLWan (diffusers config.json)
+    scheduler/                   diffusers scheduler config (UniPC with flow sigmas, or FlowMatchEuler)
+    text_encoder/ tokenizer/     only when config.text_encoder names a subfolder ("minilm" = the packaged encoder)
+A Wan2.1 diffusers folder (model_index.json, no vdiff.json) loads as is, with Wan's defaults (81 x 480 x 832,
+50 steps, guidance 5, UMT5 from text_encoder/ + tokenizer/, 512 tokens).
+
+Calls are thread-safe: each builds its own scheduler and its own cache state (vdiff.cache.cache_context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vdiff.attention import AttentionStats, BackendUnavailable, check_config
+from vdiff.cache import CACHE_NAMES, CacheConfig, apply_cache, cache_config, cache_context, no_mask_cache, remove_cache
+from vdiff.config import AttentionConfig, ConfigError, ModelConfig, from_dict, to_dict
+from vdiff.diffusion.sampling import Cancelled, denoise, fresh_scheduler, make_scheduler, sampler_name
+from vdiff.models.dit import VideoDiT
+from vdiff.models.text import HFTextEncoder, minilm_text_encoder
+from vdiff.models.vae import PixelPatchVAE, WanVAE, load_vae
+
+__all__ = ["Cancelled", "PipelineConfig", "PipelineStats", "VideoOutput", "VideoPipeline", "write_video"]
+
+CONFIG_NAME = "vdiff.json"
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+VIDEO_FORMATS = (".mp4", ".gif", ".webm")
+
+
+@dataclass
+class PipelineConfig:
+    """Defaults of a pipeline (saved as vdiff.json). Every call argument left as None takes the value here."""
+
+    num_frames: int = 16
+    height: int = 32
+    width: int = 32
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    fps: int = 8
+    text_encoder: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2) or a subfolder with a transformers encoder
+    tokenizer: str | None = None  # subfolder of the tokenizer when it is not inside the text encoder's (Wan: tokenizer)
+    text_max_length: int = 32
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    cache: list[str] = field(default_factory=lambda: ["text_kv", "mask", "prompt"])  # exact caches on by default
+    max_num_frames: int | None = None  # optional caps below what the model can do (e.g. for a public server)
+    max_height: int | None = None
+    max_width: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.cache:
+            if name not in CACHE_NAMES:
+                raise ConfigError(f"cache: unknown cache {name!r}; known: {list(CACHE_NAMES)}")
+
+
+WAN_DEFAULTS = dict(num_frames=81, height=480, width=832, num_inference_steps=50, guidance_scale=5.0, fps=16,
+                    text_encoder="text_encoder", tokenizer="tokenizer", text_max_length=512)
+
+
+@dataclass
+class PipelineStats:
+    total_s: float = 0.0
+    text_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    attention: AttentionStats = field(default_factory=AttentionStats)
+    cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # per cache: hits / misses (step: computed / skipped)
+    tokens: int = 0  # transformer tokens per video
+    grid: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def step_mean_s(self) -> float:
+        return sum(self.step_s) / len(self.step_s) if self.step_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total_s": self.total_s, "text_s": self.text_s, "denoise_s": self.denoise_s, "decode_s": self.decode_s,
+            "step_mean_s": self.step_mean_s, "steps": len(self.step_s), "tokens": self.tokens, "grid": list(self.grid),
+            "attention_density": self.attention.density, "attention_calls": self.attention.calls,
+            "attention_backends": dict(self.attention.by_backend), "cache": self.cache,
+        }
+
+
+@dataclass
+class VideoOutput:
+    videos: np.ndarray  # (B, T, H, W, 3) uint8
+    prompts: list[str]
+    seed: int
+    fps: int
+    stats: PipelineStats
+
+    @property
+    def frames(self) -> np.ndarray:
+        """The first (or only) video: uint8 (T, H, W, 3)."""
+        return self.videos[0]
+
+    def save(self, path: str | Path, index: int = 0, fps: int | None = None) -> Path:
+        """Write video `index` to `path` (.mp4, .gif or .webm, by extension)."""
+        return write_video(path, self.videos[index], fps or self.fps)
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
+    """uint8 (T, H, W, 3) -> .mp4 (H.264), .webm (VP9) or .gif."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in VIDEO_FORMATS:
+        raise ValueError(f"out: unsupported video format {ext!r}; use one of {list(VIDEO_FORMATS)}")
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ext == ".gif":
+        imageio.mimwrite(path, list(frames), format="GIF", duration=1000 / fps, loop=0)
+    else:
+        codec = "libx264" if ext == ".mp4" else "libvpx-vp9"
+        imageio.mimwrite(path, list(frames), fps=fps, codec=codec, macro_block_size=1, quality=None,
+                         pixelformat="yuv420p", output_params=["-crf", "18"] if ext == ".mp4" else ["-b:v", "0", "-crf", "30"])
+    return path
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
+    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+class VideoPipeline:
+    def __init__(
+        self,
+        transformer: VideoDiT,
+        text_encoder: Any,  # .encode(list[str]) -> TextEmbeddings, .dim (HFTextEncoder)
+        vae: PixelPatchVAE | WanVAE,
+        scheduler: Any = None,  # a diffusers flow scheduler (template; every call builds a fresh one); default UniPC
+        config: PipelineConfig | None = None,
+    ):
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.scheduler = scheduler if scheduler is not None else make_scheduler("unipc", 3.0)
+        sampler_name(self.scheduler)
+        self.config = config or PipelineConfig()
+        mc = transformer.config
+        if mc.in_channels != vae.latent_channels:
+            raise ValueError(f"transformer.in_channels={mc.in_channels} does not match the VAE's "
+                             f"{vae.latent_channels} latent channels")
+        if mc.text_dim != text_encoder.dim:
+            raise ValueError(f"transformer.text_dim={mc.text_dim} does not match the text encoder's dim {text_encoder.dim}")
+        self._lock = threading.Lock()
+        self._installed: dict[str, CacheConfig] = {}  # hooks on the model now
+        self._defaults: list[str] = []  # caches used when a call passes cache=None
+        for name in self.config.cache:
+            self.enable_cache(name)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Construction, saving, loading
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model_config(cls, model_config: ModelConfig, *, text_encoder: Any = None, vae: Any = None,
+                          scheduler: Any = None, config: PipelineConfig | None = None, seed: int = 0) -> VideoPipeline:
+        """A pipeline around a randomly initialised VideoDiT (tests, benchmarks, smoke tests).
+
+        Defaults: the packaged MiniLM text encoder and a PixelPatchVAE whose stride matches in_channels
+        (48 channels -> stride (1, 4, 4), as the tiny preset)."""
+        config = config or PipelineConfig()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = VideoDiT.from_model_config(model_config)
+        if text_encoder is None:
+            text_encoder = minilm_text_encoder(config.text_max_length)
+        if vae is None:
+            side = {48: 4, 12: 2, 3: 1}.get(model_config.in_channels)
+            if side is None:
+                raise ValueError(f"no default VAE for in_channels={model_config.in_channels}; pass vae=...")
+            vae = PixelPatchVAE((1, side, side))
+        return cls(transformer, text_encoder, vae, scheduler, config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None,
+                        torch_dtype: torch.dtype | None = None, **config_overrides: Any) -> VideoPipeline:
+        """Load a pipeline folder (vdiff layout or a Wan2.1 diffusers folder). `config_overrides` change
+        PipelineConfig fields (e.g. `text_max_length=64`)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"pipeline folder not found: {path}")
+        config = _load_config(path)
+        if config_overrides:
+            config = from_dict(PipelineConfig, config_overrides, base=config)
+        dtype = torch_dtype or torch.float32
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"{path}: no transformer/ folder")
+        transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=dtype)
+        if config.text_encoder == "minilm":
+            text_encoder = minilm_text_encoder(config.text_max_length)
+        else:
+            text_encoder = HFTextEncoder.from_pretrained(
+                path / config.text_encoder, config.text_max_length,
+                tokenizer_path=path / config.tokenizer if config.tokenizer else None)
+        vae = load_vae(path / "vae")
+        scheduler = _load_scheduler(path / "scheduler")
+        pipe = cls(transformer, text_encoder, vae, scheduler, config)
+        if device is not None:
+            pipe.to(device)
+        return pipe
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the pipeline folder (atomically: into a temporary folder, then renamed)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        tmp.mkdir(parents=True)
+        try:
+            self.transformer.save_pretrained(tmp / "transformer")
+            self.vae.save_pretrained(tmp / "vae")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            cfg = self.config
+            if cfg.text_encoder != "minilm":
+                self.text_encoder.model.save_pretrained(tmp / cfg.text_encoder)
+                self.text_encoder.tokenizer.save_pretrained(tmp / (cfg.tokenizer or cfg.text_encoder))
+            (tmp / CONFIG_NAME).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoPipeline:
+        """Move the transformer (and its dtype), the text encoder and the VAE to `device`."""
+        if dtype is not None:
+            self.transformer.to(device=device, dtype=dtype)
+        elif device is not None:
+            self.transformer.to(device)
+        if device is not None:
+            self.text_encoder.to(device)
+            self.vae.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Caches
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def enable_cache(self, cache: str | CacheConfig) -> None:
+        """Install a cache hook and use it in every call that passes cache=None (name or config object)."""
+        cfg = cache_config(cache)
+        self._install(cfg, replace=True)
+        if cfg.name not in self._defaults:
+            self._defaults.append(cfg.name)
+
+    def disable_cache(self, name: str | None = None) -> None:
+        """Remove one cache hook (or all, with None)."""
+        names = list(self._installed) if name is None else [cache_config(name).name]
+        with self._lock:
+            for n in names:
+                if n in self._installed:
+                    remove_cache(self._target(n), n)
+                    del self._installed[n]
+                if n in self._defaults:
+                    self._defaults.remove(n)
+
+    @property
+    def caches(self) -> list[str]:
+        """Caches used by calls that pass cache=None."""
+        return list(self._defaults)
+
+    def _target(self, name: str) -> Any:
+        return self.text_encoder if name == "prompt" else self.transformer
+
+    def _install(self, cfg: CacheConfig, replace: bool) -> None:
+        with self._lock:
+            if cfg.name in self._installed and not replace:
+                return
+            apply_cache(self._target(cfg.name), cfg)
+            self._installed[cfg.name] = cfg
+
+    def _resolve_caches(self, cache: Any) -> tuple[frozenset[str], dict[str, CacheConfig]]:
+        if cache is None:
+            return frozenset(self._defaults), {}
+        specs = [cache] if isinstance(cache, str) or dataclasses.is_dataclass(cache) else cache
+        if not isinstance(specs, (list, tuple)):
+            raise ValueError(f"cache: expected None, a list of names from {list(CACHE_NAMES)} or cache configs, got {cache!r}")
+        names, configs = set(), {}
+        for spec in specs:
+            cfg = cache_config(spec)
+            self._install(cfg, replace=False)
+            names.add(cfg.name)
+            if not isinstance(spec, str):
+                configs[cfg.name] = cfg
+        return frozenset(names), configs
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Limits and validation
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _patch(self) -> tuple[int, int, int]:
+        return tuple(self.transformer.config.patch_size)
+
+    def _frames_ok(self, n: int) -> bool:
+        _, sh, sw = self.vae.stride
+        if n < 1 or self.vae.check_size(n, sh, sw) is not None:
+            return False
+        f = self.vae.latent_shape(n, sh, sw)[0]
+        return f % self._patch()[0] == 0 and f // self._patch()[0] <= self.transformer.config.rope_max_seq_len
+
+    def _side_multiple(self, axis: int) -> int:
+        return self.vae.stride[axis] * self._patch()[axis]
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """What each argument may be: min, max, the rule (multiple of / 4k+1) and the default."""
+        rope = self.transformer.config.rope_max_seq_len
+        cfg = self.config
+        max_frames = next(n for n in range(self.vae.stride[0] * self._patch()[0] * rope + 1, 0, -1) if self._frames_ok(n))
+        if cfg.max_num_frames:
+            max_frames = max((n for n in range(1, cfg.max_num_frames + 1) if self._frames_ok(n)), default=0)
+        min_frames = next(n for n in range(1, max_frames + 1) if self._frames_ok(n))
+        out: dict[str, dict[str, Any]] = {
+            "num_frames": {"min": min_frames, "max": max_frames, "rule": self._frames_rule(), "default": cfg.num_frames},
+        }
+        for axis, name, cap in ((1, "height", cfg.max_height), (2, "width", cfg.max_width)):
+            m = self._side_multiple(axis)
+            hi = m * rope if not cap else cap // m * m
+            out[name] = {"min": m, "max": hi, "rule": f"a multiple of {m}", "multiple_of": m, "default": getattr(cfg, name)}
+        out["num_inference_steps"] = {"min": 1, "max": MAX_STEPS, "default": cfg.num_inference_steps}
+        out["guidance_scale"] = {"min": 0.0, "max": MAX_GUIDANCE, "default": cfg.guidance_scale,
+                                 "rule": "<= 1 disables classifier-free guidance"}
+        out["cache"] = {"allowed": list(CACHE_NAMES), "default": list(self._defaults)}
+        return out
+
+    def _frames_rule(self) -> str:
+        if isinstance(self.vae, WanVAE):
+            rule = f"{self.vae.stride[0]}k+1"
+        else:
+            rule = f"a multiple of {self.vae.stride[0]}"
+        if self._patch()[0] > 1:
+            rule += f" giving a latent frame count that is a multiple of {self._patch()[0]}"
+        return rule
+
+    def _check_frames(self, n: Any, lim: dict[str, Any]) -> None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"num_frames must be an int, got {n!r}")
+        if lim["min"] <= n <= lim["max"] and self._frames_ok(n):
+            return
+        below = next((m for m in range(min(n, lim["max"]), lim["min"] - 1, -1) if self._frames_ok(m)), None)
+        above = next((m for m in range(max(n, lim["min"]), lim["max"] + 1) if self._frames_ok(m)), None)
+        near = " or ".join(str(m) for m in dict.fromkeys(x for x in (below, above) if x is not None))
+        raise ValueError(f"num_frames={n} is not allowed: must be {lim['rule']} in [{lim['min']}, {lim['max']}]"
+                         f"; nearest valid: {near}")
+
+    def _check_side(self, name: str, v: Any, lim: dict[str, Any]) -> None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+        m, lo, hi = lim["multiple_of"], lim["min"], lim["max"]
+        if lo <= v <= hi and v % m == 0:
+            return
+        below, above = max(lo, min(hi, v // m * m)), min(hi, max(lo, -(-v // m) * m))
+        near = " or ".join(str(x) for x in dict.fromkeys((below, above)))
+        raise ValueError(f"{name}={v} is not allowed: must be a multiple of {m} in [{lo}, {hi}] "
+                         f"(VAE stride x patch size); nearest valid: {near}")
+
+    def _check_args(self, prompts: list[str], negatives: list[str], frames: int, height: int, width: int, steps: Any,
+                    guidance: Any, seed: Any, callback: Any) -> None:
+        lim = self.limits()
+        self._check_frames(frames, lim["num_frames"])
+        self._check_side("height", height, lim["height"])
+        self._check_side("width", width, lim["width"])
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE}] (<= 1 disables guidance), got {guidance!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable(step_index, num_steps, latents) or None, got {callback!r}")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {len(prompts)} prompts "
+                             "(give one string, or a list of the same length)")
+
+    def _attention(self, attention: Any) -> AttentionConfig:
+        if attention is None:
+            cfg = self.config.attention
+        elif isinstance(attention, AttentionConfig):
+            cfg = attention
+        elif isinstance(attention, str):
+            cfg = AttentionConfig(backend=attention) if attention != "dense" else AttentionConfig()
+        elif isinstance(attention, dict):
+            try:
+                cfg = from_dict(AttentionConfig, attention, prefix="attention.")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        else:
+            raise ValueError(f"attention must be None, a backend name, an AttentionConfig or a dict, got {attention!r}")
+        try:
+            check_config(cfg, self.device)
+        except BackendUnavailable as err:
+            raise ValueError(f"attention: {err}") from None
+        return cfg
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        attention: str | AttentionConfig | dict | None = None,
+        cache: Sequence[str | CacheConfig] | None = None,
+        callback: Callable[[int, int, torch.Tensor], Any] | None = None,
+        *,
+        sampler: str | None = None,
+        shift: float | None = None,
+        progress: bool = False,
+    ) -> VideoOutput:
+        """Generate one video per prompt.
+
+        Arguments left None take the pipeline config's defaults (`pipe.limits()` lists ranges and defaults).
+        negative_prompt: None = the config's (default ""); a string for every prompt, or one per prompt.
+        seed: None = random (reported as out.seed); the same seed gives the same video.
+        attention: None (config), a backend name, an AttentionConfig or a dict of its fields.
+        cache: None = the pipeline's enabled caches (`pipe.caches`); [] = none; names or config objects for this call.
+        callback(step_index, num_steps, latents): after every step; return False to cancel (raises `Cancelled`).
+        sampler / shift: override the scheduler's ("unipc" | "euler", flow shift) for this call.
+        """
+        t_start = time.perf_counter()
+        cfg = self.config
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        negative_prompt = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        if isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        elif isinstance(negative_prompt, Sequence) and all(isinstance(p, str) for p in negative_prompt):
+            negatives = list(negative_prompt)
+        else:
+            raise ValueError(f"negative_prompt must be None, a string or a list of strings, got {negative_prompt!r}")
+        frames = cfg.num_frames if num_frames is None else num_frames
+        height = cfg.height if height is None else height
+        width = cfg.width if width is None else width
+        steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        self._check_args(prompts, negatives, frames, height, width, steps, guidance, seed, callback)
+        att = self._attention(attention)
+        scheduler = fresh_scheduler(self.scheduler, sampler, shift)
+        enabled, cache_configs = self._resolve_caches(cache)
+        seed = secrets.randbelow(2**31) if seed is None else seed
+
+        stats = PipelineStats()
+        device = self.device
+        latent_fhw = self.vae.latent_shape(frames, height, width)
+        stats.grid = self.transformer.token_grid(latent_fhw)
+        stats.tokens = int(np.prod(stats.grid))
+        use_cfg = guidance > 1.0
+        with cache_context(enabled, cache_configs) as call:
+            t0 = time.perf_counter()
+            text = self.text_encoder.encode(prompts + negatives if use_cfg else prompts)  # one batch
+            cond = text.embeds[: len(prompts)]  # (B, S, text_dim)
+            uncond = text.embeds[len(prompts):] if use_cfg else None
+            stats.text_s = time.perf_counter() - t0
+
+            g = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: the same video on every device
+            noise = torch.randn(len(prompts), self.vae.latent_channels, *latent_fhw, generator=g).to(device)
+            attention_kwargs = {"attention": att, "stats": stats.attention, "mask_cache": no_mask_cache(call)}
+            bar = _progress_bar(steps) if progress else None
+            t0 = time.perf_counter()
+            try:
+                result = denoise(self.transformer, noise, cond, uncond, scheduler, steps, float(guidance),
+                                 attention_kwargs=attention_kwargs, callback=callback,
+                                 progress=bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            stats.denoise_s = time.perf_counter() - t0
+            stats.step_s = result.step_s
+            # enabled caches, plus the mask builds of an uncached call (what the mask cache would save)
+            stats.cache = {name: dict(call.stats.get(name, {})) for name in sorted(enabled | set(call.stats))}
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            video = self.vae.decode(result.latents)
+        videos = to_uint8(video)  # (B, T, H, W, 3)
+        stats.decode_s = time.perf_counter() - t0
+        stats.total_s = time.perf_counter() - t_start
+        return VideoOutput(videos, prompts, seed, cfg.fps, stats)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step")
+
+
+def _load_config(path: Path) -> PipelineConfig:
+    if (path / CONFIG_NAME).is_file():
+        data = json.loads((path / CONFIG_NAME).read_text())
+    elif (path / "vdiff.yaml").is_file():
+        from vdiff.config import load_yaml
+
+        data = load_yaml(path / "vdiff.yaml")
+    elif (path / "model_index.json").is_file():  # a diffusers (Wan2.1) pipeline folder
+        index = json.loads((path / "model_index.json").read_text())
+        if not str(index.get("_class_name", "")).startswith("Wan"):
+            raise ValueError(f"{path}: diffusers pipeline {index.get('_class_name')!r} is not a Wan pipeline")
+        data = dict(WAN_DEFAULTS)
+    else:
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}, vdiff.yaml or model_index.json")
+    return from_dict(PipelineConfig, data)
+
+
+def _load_scheduler(path: Path) -> Any:
+    file = path / "scheduler_config.json"
+    if not file.is_file():
+        return make_scheduler("unipc", 3.0)
+    import diffusers
+
+    name = json.loads(file.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise ValueError(f"{file}: unknown scheduler class {name!r}")
+    scheduler = cls.from_pretrained(path)
+    sampler_name(scheduler)  # a flow-matching scheduler we can drive, or a clear error
+    return scheduler
