@@ -1,0 +1,184 @@
+"""Training recipes: typed dataclasses; `configs/train/*.yaml` and `key=value` overrides only change fields.
+
+    recipe = load_recipe("configs/train/tiny.yaml", ["train.max_steps=10", "model.attention.backend=radial"])
+
+Sections: `output_dir`, `model` (a preset + ModelConfig field changes + `attention`), `text_encoder`, `vae`, `data`,
+`flow` (timestep sampling), `optim`, `train` (loop, precision, distributed, checkpoints), `validation`.
+An unknown key or a wrong type raises `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vdiff.config import AttentionConfig, ConfigError, ModelConfig, load_config, model_preset
+from vdiff.diffusion.flow import FlowConfig
+
+DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelSection:
+    """`model:` in a recipe: a named preset, then any ModelConfig field changed (None = the preset's value), and
+    the self-attention backend used in training."""
+
+    preset: str = "tiny"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    patch_size: tuple[int, int, int] | None = None
+    num_attention_heads: int | None = None
+    attention_head_dim: int | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    text_dim: int | None = None
+    freq_dim: int | None = None
+    ffn_dim: int | None = None
+    num_layers: int | None = None
+    cross_attn_norm: bool | None = None
+    qk_norm: str | None = None
+    eps: float | None = None
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int | None = None
+    pos_embed_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        self.to_model_config()  # a bad preset or field fails at load time, naming the key
+
+    def to_model_config(self) -> ModelConfig:
+        names = [f.name for f in dataclasses.fields(ModelConfig)]
+        changes = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        try:
+            return model_preset(self.preset, **changes)
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith("model.") else f"model.{err}") from None
+
+
+@dataclass
+class DataConfig:
+    """`dataset`: shapes (ShapesWorld, generated) | video_folder (`root`: videos + captions). `latent_cache`: a folder
+    where latents + text embeddings are precomputed once and read back on every later epoch and run."""
+
+    dataset: Literal["shapes", "video_folder"] = "shapes"
+    num_samples: int = 256  # shapes
+    split: str = "train"  # shapes: train | heldout | all
+    seed: int = 0
+    num_frames: int = 8
+    height: int = 16
+    width: int = 16
+    root: str | None = None  # video_folder
+    frame_stride: int = 1  # video_folder: take every k-th frame
+    latent_cache: str | None = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_frames", "height", "width", "frame_stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dataset == "video_folder" and not self.root:
+            raise ConfigError("data.root is required when data.dataset=video_folder")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine / linear decay to lr * min_lr_ratio at max_steps
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop. `batch_size` is per process and micro-batch; the global batch is
+    batch_size * grad_accum * (processes / sequence_parallel)."""
+
+    max_steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.999  # 0 = the exported weights are the latest ones
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by "" (classifier-free guidance)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str | None = None  # latest | a checkpoint folder
+    deepspeed: str = "none"  # none | zero2 | zero3 | zero2_offload | zero3_offload | path/to/ds_config.json
+    sequence_parallel: int = 1  # Ulysses group size; must divide the number of processes and the head count
+    log_every: int = 1
+    export: bool = True  # write output_dir/pipeline at the end
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "sequence_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.cfg_dropout <= 1:
+            raise ConfigError(f"train.cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
+            raise ConfigError(f"train.deepspeed must be one of {list(DEEPSPEED_PRESETS)} or a .json file, "
+                              f"got {self.deepspeed!r}")
+
+
+@dataclass
+class ValidationConfig:
+    """Samples from the EMA weights every `every` steps (0 = only at the end, if `at_end`), one mp4 per prompt."""
+
+    every: int = 0
+    at_end: bool = True
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right"])
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    sampler: Literal["unipc", "euler"] = "unipc"
+    shift: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"validation.every must be >= 0, got {self.every}")
+
+
+@dataclass
+class TrainRecipe:
+    output_dir: str = "runs/tiny"
+    model: ModelSection = field(default_factory=ModelSection)
+    text_encoder: str = "minilm"  # minilm (packaged) | a local transformers encoder folder (T5/UMT5 for Wan)
+    text_max_length: int = 32
+    vae: str = "pixel"  # pixel (PixelPatchVAE matching model.in_channels) | a local AutoencoderKLWan folder
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
+    """Defaults, then the YAML recipe at `path`, then dotted `key=value` overrides."""
+    return load_config(TrainRecipe, path, overrides)
+
+
+def deepspeed_config_path(name: str) -> Path:
+    """configs/deepspeed/<name>.json for a preset name, or the given .json path."""
+    path = Path(name) if name.endswith(".json") else CONFIGS / "deepspeed" / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed: config file not found: {path}")
+    return path
