@@ -138,7 +138,7 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
             cfg = AttentionConfig(backend=method, impl="fast", **{method: CONFIG_CLASSES[method](**options)})
             ctx = AttentionContext(grid=grid, config=cfg, layer=layer, mask_cache=MaskCache())
             bwd_reason = backend.backward_reason(device)
-            if bwd_reason is None and device.type == "cpu" and method in ("radial", "sliding_tile"):
+            if bwd_reason is None and device.type == "cpu" and method in ("radial", "sliding_tile", "vmoba"):
                 bwd_reason = "CPU: no Flex backward"
             label = ", ".join(f"{key}={val}" for key, val in options.items())
             entries.append((dict(method=method, options=label, layer=layer, _backend=backend, _ctx=ctx),

@@ -123,12 +123,12 @@ class AttentionConfig:
     `kernel` picks the dense kernel (sdpa | flex | xformers | flash); it is also what dense layers and dense
     warm-up steps of a sparse backend run. `impl` picks a sparse method's implementation: fast (block-sparse
     kernels), reference (explicit mask + SDPA) or auto (fast where it can run the call, else reference; the
-    choice is reported by `vdiff.attention.available()`).
+    choice is reported by `vdiff.attention.available()`). gather: VMoBA only, its pure-PyTorch varlen path.
     """
 
     backend: str = "dense"
     kernel: str = "sdpa"
-    impl: Literal["auto", "fast", "reference"] = "auto"
+    impl: Literal["auto", "fast", "gather", "reference"] = "auto"
     dense_layers: list[int] = field(default_factory=list)
     dense_steps: int = 0
     radial: RadialConfig = field(default_factory=RadialConfig)

@@ -26,17 +26,33 @@ attention over the selected keys):
 Selection is exact **per query** (not per query block): the reference mask, the fast path and
 `sparse_pattern("vmoba", ...).mask()` all compute the same set of (query, key) pairs.
 
-Implementations (`attention.impl`):
+Implementations (`attention.impl`); all three compute exactly the same (query, key) pairs:
     reference  explicit BoolTensor [B, H, L, L] (mask[q, k] = selected[q, chunk(k)]) + SDPA; any device; O(L^2).
-    fast       pure-PyTorch varlen gather (the MoBA scheme): the selected (query, chunk) pairs are grouped by
+    gather     pure-PyTorch varlen gather (the MoBA scheme): the selected (query, chunk) pairs are grouped by
                (batch, head, chunk) and cut into tiles of up to 16..256 queries (about the mean group size); each tile attends its chunk's
                keys (gathered by index, padded to the largest chunk and masked) with one batched matmul, and the
                per-chunk partial results are merged per query through their log-sum-exp. Any device, forward and
                backward (autograd through gather / matmul / index_add), no compile. Cost: the computed pairs plus
-               padding (< one tile per group, partial chunks padded to the full chunk size); the per-layer
-               regrouping is a gather of Q (selected pairs x D) and of K, V (tiles x chunk x D) per call, which is
-               why VMoBA needs no global `token_order` even though its partition changes every layer.
-    auto       fast (it runs everywhere and has a backward).
+               padding (< one tile per group, partial chunks padded to the full chunk size), and each query is
+               copied once per selected chunk, so it pays off only at low density.
+    flex       compiled FlexAttention (`dense.compiled_flex_attention`, one callable per process). Keys/values are
+               permuted into this layer's chunk-major order (each chunk contiguous; edge chunks partial, nothing
+               padded into the attention), queries into `query_order` (sorted by their selected chunk set, so a query
+               block needs few chunks). A BlockMask is built directly (`BlockMask.from_kv_blocks`, no L x L mask_mod
+               sweep) from a vectorised reduction of the selection: a (query block, key block) is visited if some query
+               of the block selected a chunk overlapping the key block, and *full* (no mask_mod) if every query
+               selected every such chunk; partial blocks evaluate mask_mod(b, h, q, kv) = sel[b, h, q, chunk(kv)],
+               so the computed set is exact per query. Blocks: 128 tokens on GPU, 64 on CPU. The selection is padded
+               to the largest chunk count over the three partitions, so one compiled graph serves every layer.
+               Per call (the partition changes every layer, so the permutation lives inside the call, not in a global
+               `token_order`): 4 x B*L*H*D copies (q, k, v in; output back), stable sorts of [B, H, L], and a
+               [B, H, L, C_max] bool selection. GPU: forward and backward. CPU: forward only (compiled Flex has no
+               CPU backward) and, measured, not faster than gather or dense SDPA (see AUTO_FLEX_ON_CPU).
+    auto       GPU: flex (forward and backward). CPU: gather (training and inference).
+    fast       flex where it can run the call (GPU; CPU without grad); otherwise raises BackendUnavailable.
+`last_impl` on the backend records the path of the last call ('flex' | 'gather' | 'reference').
+`sparse_pattern("vmoba", ...).info` also reports the flex path's block density for q's device (`block_density`:
+fraction of kernel blocks visited; `block_pair_density`: token pairs inside visited blocks).
 The density that a call computed (mean over batch and heads of the selected pair fraction) is kept and returned by
 `density(ctx)`; `sparse_pattern("vmoba", grid, q=..., k=..., layer=..., **options)` gives the same set for given q/k.
 """
@@ -51,8 +67,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vdiff.attention.dense import compiled_flex_attention, flex_backward_reason, flex_unavailable_reason
 from vdiff.attention.patterns import SparsePattern, register_pattern
-from vdiff.attention.registry import AttentionBackend, AttentionContext, MaskCache, register_backend
+from vdiff.attention.registry import AttentionBackend, AttentionContext, BackendUnavailable, MaskCache, register_backend
 from vdiff.config import VMoBAConfig
 
 PARTITIONS = ("1d", "2d", "3d")
@@ -277,33 +294,228 @@ def vmoba_gather(q, k, v, sel_BHLC: torch.Tensor, layout: ChunkLayout, query_til
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# FlexAttention path: chunk-major tokens, a BlockMask from the selection, an exact per-query mask_mod
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def flex_block_size(device: torch.device | str) -> int:
+    """Kernel block (query and key tokens) of the Flex path: 128 on GPU (Triton tiles), 64 on CPU."""
+    return 128 if torch.device(device).type == "cuda" else 64
+
+
+def max_chunks(grid: tuple[int, int, int], cfg: VMoBAConfig) -> int:
+    """Largest chunk count over the three partitions: the Flex path pads its selection to it, so every layer (any
+    partition) hands the compiled kernel tensors of the same shape and one compiled graph serves them all."""
+    return max(math.prod(-(-g // min(c, g)) for g, c in zip(grid, chunk_shape(cfg, p, grid))) for p in PARTITIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexLayout:
+    """Chunk-major token order and kernel-block geometry for one (grid, partition, block size, padded chunk count)."""
+
+    order: torch.Tensor  # LongTensor [L]: chunk-major position -> frame-major token (chunks contiguous)
+    inverse: torch.Tensor  # LongTensor [L]: frame-major token -> chunk-major position
+    kv_chunk: torch.Tensor  # LongTensor [N * bs]: chunk of each chunk-major key, padding -> chunk 0
+    block_lo: torch.Tensor  # LongTensor [N]: first chunk overlapping each key block
+    block_hi: torch.Tensor  # LongTensor [N]: last chunk overlapping each key block (chunks are contiguous)
+    block_size: int
+    num_chunks_pad: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_lo.numel()
+
+
+def flex_layout(layout: ChunkLayout, block_size: int, num_chunks_pad: int) -> FlexLayout:
+    """The chunk-major order of `layout` cut into kernel blocks of `block_size` tokens (the last one may be partial)."""
+    L, dev = layout.chunk_of.numel(), layout.chunk_of.device
+    order = layout.tokens[layout.valid]  # [L]: chunk by chunk, frame-major inside a chunk
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(L, device=dev))
+    chunk_sorted = layout.chunk_of[order]  # [L], non-decreasing
+    n = -(-L // block_size)
+    kv_chunk = torch.zeros(n * block_size, dtype=torch.long, device=dev)
+    kv_chunk[:L] = chunk_sorted
+    starts = torch.arange(n, device=dev) * block_size
+    lo, hi = chunk_sorted[starts], chunk_sorted[(starts + block_size - 1).clamp(max=L - 1)]
+    return FlexLayout(order, inverse, kv_chunk, lo, hi, block_size, max(num_chunks_pad, layout.num_chunks))
+
+
+def _flex_layout_for(grid, cfg: VMoBAConfig, layer: int, device, cache: MaskCache | None) -> FlexLayout:
+    block_size = flex_block_size(device)
+    key = ("vmoba-flex-layout", tuple(grid), tuple(chunk_shape(cfg, partition_for_layer(layer), grid)),
+           max_chunks(grid, cfg), block_size, str(torch.device(device)))
+    build = lambda: flex_layout(_layout_for(grid, cfg, layer, device, cache), block_size, max_chunks(grid, cfg))  # noqa: E731
+    return cache.get_or_build(key, build) if cache is not None else build()
+
+
+@torch.no_grad()
+def query_order(sel_BHLC: torch.Tensor) -> torch.Tensor:
+    """LongTensor [B, H, L]: queries sorted by their selected chunk set (lexicographic on the bits, chunk 0 first).
+
+    Flex's query order is free (only keys must be chunk-contiguous), so queries that chose the same chunks are put
+    next to each other: a query block then needs few key chunks and is often full. On random inputs this halves the
+    visited blocks against chunk-major queries (e.g. 1D partition, topk 3 of 8: 1.0 -> 0.44, ideal 0.375)."""
+    B, Hh, L, C = sel_BHLC.shape
+    order = torch.arange(L, device=sel_BHLC.device).expand(B, Hh, L)
+    for lo in reversed(range(0, C, 60)):  # LSD radix: least significant 60-chunk word first, stable sorts
+        bits = sel_BHLC[..., lo:lo + 60].long()
+        word = (bits << torch.arange(bits.shape[-1] - 1, -1, -1, device=bits.device)).sum(-1)  # [B, H, L]
+        order = order.gather(-1, torch.argsort(word.gather(-1, order), dim=-1, stable=True))
+    return order
+
+
+@torch.no_grad()
+def flex_selection(sel_BHLC: torch.Tensor, flex: FlexLayout, q_order: torch.Tensor) -> torch.Tensor:
+    """The selection with queries in `q_order` ([B, H, L]), padded: BoolTensor [B, H, N * bs, C_pad] (padding False)."""
+    B, Hh, L, C = sel_BHLC.shape
+    sel_p = sel_BHLC.new_zeros(B, Hh, flex.num_blocks * flex.block_size, flex.num_chunks_pad)
+    sel_p[:, :, :L, :C] = sel_BHLC.gather(2, q_order[..., None].expand(B, Hh, L, C))
+    return sel_p
+
+
+@torch.no_grad()
+def flex_block_grid(sel_p: torch.Tensor, flex: FlexLayout, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visited, full) BoolTensors [B, H, N, N] over (query block, key block) of the chunk-major order.
+
+    visited: some query of the block selected some chunk overlapping the key block (the kernel visits the block);
+    full:    every query of the block selected every chunk overlapping it (the kernel skips the mask_mod there).
+    A vectorised reduction (two cumulative sums over chunks), never an L x L mask.
+    """
+    B, Hh, _, Cp = sel_p.shape
+    bs, n = flex.block_size, flex.num_blocks
+    any_q = sel_p.view(B, Hh, n, bs, Cp).any(3)  # [B, H, N, Cp]; padding rows are False
+    last = sel_p[:, :, (n - 1) * bs:length].all(2, keepdim=True)  # the last block's real rows only
+    all_q = torch.cat([sel_p[:, :, :(n - 1) * bs].view(B, Hh, n - 1, bs, Cp).all(3), last], dim=2)  # [B, H, N, Cp]
+    zero = sel_p.new_zeros(B, Hh, n, 1, dtype=torch.int32)
+    any_cum = torch.cat([zero, any_q.cumsum(-1, dtype=torch.int32)], dim=-1)  # [B, H, N, Cp + 1]
+    all_cum = torch.cat([zero, all_q.cumsum(-1, dtype=torch.int32)], dim=-1)
+    lo, hi1 = flex.block_lo, flex.block_hi + 1  # key block j overlaps chunks lo[j] .. hi[j]
+    visited = (any_cum.index_select(-1, hi1) - any_cum.index_select(-1, lo)) > 0  # [B, H, N, N]
+    full = (all_cum.index_select(-1, hi1) - all_cum.index_select(-1, lo)) == (hi1 - lo).to(torch.int32)
+    return visited, full
+
+
+def _kv_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, Nq, Nk] bool -> (counts [B, H, Nq] int32, indices [B, H, Nq, Nk] int32, selected blocks first)."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, indices
+
+
+@torch.no_grad()
+def vmoba_block_mask(sel_BHLC: torch.Tensor, flex: FlexLayout, q_order: torch.Tensor, *, backward: bool = True):
+    """FlexAttention BlockMask computing exactly the selected (query, key) pairs, queries in `q_order` ([B, H, L]),
+    keys chunk-major (`flex.order`).
+
+    Full blocks run unmasked; the other visited blocks evaluate mask_mod(b, h, q, kv) = sel[b, h, q, chunk(kv)] (the
+    padded, reordered selection, captured by the closure). `backward=False` skips the transposed (query-block)
+    lists that only the backward pass reads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    length = flex.order.numel()
+    sel_p = flex_selection(sel_BHLC, flex, q_order)  # [B, H, Lp, Cp]
+    visited, full = flex_block_grid(sel_p, flex, length)
+    counts, indices = _kv_lists(visited & ~full)
+    full_counts, full_indices = _kv_lists(full)
+    kv_chunk = flex.kv_chunk
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return sel_p[b, h, q_idx, kv_chunk[kv_idx]]
+
+    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=flex.block_size,
+                                    mask_mod=mask_mod, seq_lengths=(length, length), compute_q_blocks=backward)
+
+
+def block_stats(visited: torch.Tensor, flex: FlexLayout, length: int) -> dict[str, torch.Tensor]:
+    """Per (batch, head) [B, H]: fraction of kernel blocks visited, and of token pairs inside visited blocks."""
+    sizes = torch.full((flex.num_blocks,), float(flex.block_size), dtype=torch.float64, device=visited.device)
+    sizes[-1] = length - (flex.num_blocks - 1) * flex.block_size
+    pairs = torch.einsum("bhij,i,j->bh", visited.double(), sizes, sizes) / length**2
+    return {"block_density": visited.double().mean((-1, -2)), "block_pair_density": pairs}
+
+
+def vmoba_flex(q, k, v, sel_BHLC: torch.Tensor, flex: FlexLayout) -> torch.Tensor:
+    """Compiled FlexAttention over the chunk-major order. q, k, v: [B, L, H, D] frame-major -> [B, L, H, D].
+
+    Keys and values are gathered into this layer's chunk-major order, queries into `query_order` (sorted by their
+    selected chunk set, per batch element and head), all as contiguous [B, H, L, D] (the CPU kernel is ~1.4x slower
+    on strided inputs); the output is gathered back. Per call that is 4 x B*L*H*D copies, a few stable sorts of
+    [B, H, L] and the [B, H, L, C_pad] bool selection with its block reduction; the kernel then visits only the
+    blocks some query of the block selected."""
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    reason = flex_backward_reason(q.device) if backward else None
+    if reason is not None:
+        raise BackendUnavailable(f"vmoba flex: {reason}")
+    if not torch.is_grad_enabled():  # inference on leaves that require grad: the CPU kernel refuses those
+        q, k, v = q.detach(), k.detach(), v.detach()
+    B, L, Hh, D = q.shape
+    q_order = query_order(sel_BHLC)  # [B, H, L]
+    block_mask = vmoba_block_mask(sel_BHLC, flex, q_order, backward=backward)
+    q_p = q.transpose(1, 2).gather(2, q_order[..., None].expand(B, Hh, L, D))  # [B, H, L, D] selection-sorted
+    k_p, v_p = (t.transpose(1, 2).index_select(2, flex.order) for t in (k, v))  # [B, H, L, D] chunk-major
+    out_p = compiled_flex_attention()(q_p, k_p, v_p, block_mask=block_mask)  # [B, H, L, D] in q_order
+    q_back = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(L, device=q.device).expand(B, Hh, L))
+    return out_p.gather(2, q_back[..., None].expand(B, Hh, L, D)).transpose(1, 2)  # [B, L, H, D] frame-major
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Backend and pattern
 # --------------------------------------------------------------------------------------------------------------------
 
 
+IMPLS = ("auto", "fast", "gather", "reference")
+# impl=auto on CPU without grad: flex or gather. Measured on 2 busy cores, grid (8, 32, 32), 4 heads, d=64, topk 3,
+# forward: flex 1.6-2.3 s, gather 0.8-2.6 s, dense SDPA ~1.1 s; flex wins only on the 1D partition (big chunks), gather
+# on 2D / 3D, and flex compiles once per shape (10-25 s). So auto keeps CPU on gather; impl=fast still runs flex there.
+AUTO_FLEX_ON_CPU = False
+
+
 class VMoBABackend(AttentionBackend):
     name = "vmoba"
-    description = "VMoBA block-mixture attention (dynamic per-query chunk selection; gather fast path, any device)"
+    description = (
+        "VMoBA block-mixture attention (dynamic per-query chunk selection). impl=auto: flex (compiled FlexAttention, "
+        "chunk-major keys, block mask from the selection) on GPU, forward+backward; gather (pure PyTorch varlen, "
+        "autograd) on CPU, training and inference. impl=fast = flex: GPU, or CPU forward without grad (compiled Flex "
+        "has no CPU backward: raises); impl=gather / reference force those paths (any device, with backward)."
+    )
     sparse = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_density = float("nan")
-        self.last_impl: str | None = None
+        self.last_impl: str | None = None  # 'flex' | 'gather' | 'reference': the path the last call ran
 
     def unavailable_reason(self, device=None):
-        return None  # both paths are plain PyTorch
+        return None  # gather and reference are plain PyTorch and run everywhere; flex is chosen per call
 
     def backward_reason(self, device=None):
-        return None  # reference (SDPA) and fast (gather) both support autograd on every device
+        return None  # impl=auto trains everywhere: flex on GPU, gather on CPU (compiled Flex has no CPU backward)
 
-    def implementation(self, impl: str) -> str:
-        """The path a call with `attention.impl = impl` runs: 'fast' (gather) or 'reference' (mask + SDPA)."""
-        if impl in ("auto", "fast"):
-            return "fast"
-        if impl == "reference":
-            return "reference"
-        raise ValueError(f"attention.impl must be 'auto', 'fast' or 'reference', got {impl!r}")
+    def flex_reason(self, device: torch.device | str, needs_grad: bool) -> str | None:
+        """None if the flex path can run a call on `device` (with a gradient if `needs_grad`), else why not."""
+        reason = flex_unavailable_reason(device)
+        if reason is None and needs_grad:
+            reason = flex_backward_reason(device)
+        return reason
+
+    def implementation(self, impl: str, device: torch.device | str = "cpu", needs_grad: bool = False) -> str:
+        """The path a call runs: 'flex', 'gather' or 'reference'.
+
+        auto: flex where it can run the call on GPU, else gather (on CPU gather also for inference unless
+        AUTO_FLEX_ON_CPU). fast: flex (GPU; CPU without grad), or BackendUnavailable with the reason.
+        gather / reference: that path (any device, forward and backward)."""
+        if impl not in IMPLS:
+            raise ValueError(f"attention.impl must be one of {list(IMPLS)} for vmoba, got {impl!r}")
+        if impl in ("gather", "reference"):
+            return impl
+        reason = self.flex_reason(device, needs_grad)
+        if impl == "fast":
+            if reason is not None:
+                raise BackendUnavailable(f"vmoba (impl=fast = FlexAttention): {reason}; use attention.impl=auto "
+                                         "(runs gather where flex cannot), gather or reference")
+            return "flex"
+        on_cpu = torch.device(device).type == "cpu"
+        return "flex" if reason is None and (AUTO_FLEX_ON_CPU or not on_cpu) else "gather"
 
     def density(self, ctx: AttentionContext) -> float:
         """Density the last forward computed (mean over batch and heads); NaN before the first call."""
@@ -315,10 +527,16 @@ class VMoBABackend(AttentionBackend):
         T, H, W = ctx.grid
         if q.shape[1] != T * H * W:
             raise ValueError(f"vmoba: q has {q.shape[1]} tokens but grid {ctx.grid} has {T * H * W}")
-        impl = self.implementation(ctx.config.impl)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        impl = self.implementation(ctx.config.impl, q.device, needs_grad)
         layout = _layout_for(ctx.grid, cfg, ctx.layer, q.device, ctx.mask_cache)
         sel = select_chunks(q, k, layout, cfg)
-        out = vmoba_gather(q, k, v, sel, layout) if impl == "fast" else vmoba_reference(q, k, v, sel, layout)
+        if impl == "flex":
+            out = vmoba_flex(q, k, v, sel, _flex_layout_for(ctx.grid, cfg, ctx.layer, q.device, ctx.mask_cache))
+        elif impl == "gather":
+            out = vmoba_gather(q, k, v, sel, layout)
+        else:
+            out = vmoba_reference(q, k, v, sel, layout)
         with self._lock:
             self._last_density = float(selection_density(sel, layout).mean())
             self.last_impl = impl
@@ -357,6 +575,14 @@ def vmoba_pattern(grid, *, q: torch.Tensor | None = None, k: torch.Tensor | None
         "density_per_head": dens[0].tolist(),
         "density_batch": float(dens.mean()),
     }
+    flex = flex_layout(layout, flex_block_size(q.device), max_chunks(grid, cfg))
+    visited, _ = flex_block_grid(flex_selection(sel[:1], flex, query_order(sel[:1])), flex, layout.chunk_of.numel())
+    blocks = block_stats(visited, flex, layout.chunk_of.numel())
+    info.update({
+        "flex_block_size": flex.block_size,  # 128 on GPU, 64 on CPU (the device of q)
+        "block_density": float(blocks["block_density"][0].mean()),  # kernel blocks the flex path visits
+        "block_pair_density": float(blocks["block_pair_density"][0].mean()),  # token pairs inside visited blocks
+    })
     return SparsePattern("vmoba", grid, float(dens[0].mean()), lambda: token_mask(sel[0], layout), info)
 
 
@@ -364,7 +590,8 @@ register_backend(VMoBABackend())
 register_pattern("vmoba", vmoba_pattern)
 
 __all__ = [
-    "ChunkLayout", "VMoBABackend", "check_options", "chunk_layout", "chunk_shape", "partition_for_layer",
+    "ChunkLayout", "FlexLayout", "VMoBABackend", "block_stats", "flex_block_grid", "flex_block_size", "flex_layout",
+    "flex_selection", "max_chunks", "query_order", "vmoba_block_mask", "vmoba_flex", "check_options", "chunk_layout", "chunk_shape", "partition_for_layer",
     "select_chunks", "selection_density", "token_mask", "vmoba_gather", "vmoba_options", "vmoba_pattern",
     "vmoba_reference",
 ]
