@@ -59,13 +59,29 @@ def flex_backward_reason(device: torch.device | str | None) -> str | None:
     return None
 
 
+def full_block_mask(q_len: int, kv_len: int, device: torch.device | str, block_size: int = 128):
+    """A BlockMask with every block full (no mask_mod): dense FlexAttention. Passing `block_mask=None` instead is
+    4-8x slower on CPU (measured: 8,192 tokens, 4 heads, d=64: 5.3 s vs 1.3 s)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+    indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+    return BlockMask.from_kv_blocks(torch.zeros_like(counts), torch.zeros_like(indices), counts, indices,
+                                    BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len))
+
+
 def flex_run(q, k, v, block_mask=None) -> torch.Tensor:
     """[B, L, H, D] through compiled FlexAttention with an optional BlockMask -> [B, L, H, D]."""
     if q.requires_grad and torch.is_grad_enabled() and flex_backward_reason(q.device):
         raise BackendUnavailable(f"flex: {flex_backward_reason(q.device)}")
     if not torch.is_grad_enabled():  # inference on leaves that require grad: the CPU kernel refuses those
         q, k, v = q.detach(), k.detach(), v.detach()
-    out = compiled_flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    if block_mask is None:
+        block_mask = full_block_mask(q.shape[1], k.shape[1], q.device)
+    # The kernel reads [B, H, L, D]; strided (transposed) inputs run ~2x slower on CPU, so copy once.
+    q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = compiled_flex_attention()(q_, k_, v_, block_mask=block_mask)
     return out.transpose(1, 2)
 
 
