@@ -122,19 +122,131 @@ def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-6, atol=1e-7)
 
 
+class _StartAt:
+    """A flow Euler scheduler that starts at noise level s0 instead of 1 (what `denoise` needs: set_timesteps,
+    timesteps, step). Sigmas s0 -> 0 evenly; timesteps = 1000 * sigma, the diffusers / training convention."""
+
+    def __init__(self, scheduler, s0: float):
+        self.inner, self.s0 = scheduler, s0
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        sigmas = [self.s0 * (1 - k / num_inference_steps) for k in range(num_inference_steps)]
+        self.inner.set_timesteps(sigmas=sigmas, device=device)
+
+    @property
+    def timesteps(self):
+        return self.inner.timesteps
+
+    def step(self, *args, **kwargs):
+        return self.inner.step(*args, **kwargs)
+
+
+def _psnr(a, b) -> float:
+    """PSNR in dB between two uint8 clips."""
+    import numpy as np
+
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
 @pytest.mark.slow
-def test_overfit_two_clips_loss_falls(tmp_path):
-    """Two clips memorised: the flow-matching loss falls far below its start. (A sample reproducing the clip is not
-    asserted: within this CPU budget the model learns the clips' shared structure but not yet which caption is which
-    at high noise; x0 predicted at s = 0.9 is still the mean clip.)"""
-    out = tmp_path / "overfit"
+def test_overfit_two_clips_memorised_and_sampling_matches_training(tmp_path):
+    """Two ShapesWorld clips that differ in colour, shape and direction ("a red square moving right", "a green
+    triangle moving left", disjoint paths), trained with the real trainer, sampled through the exported pipeline:
+
+    1. the flow-matching loss falls far below its start;
+    2. training and sampling agree: the exported scheduler is the recipe's; a `VideoPipeline` call (Euler, CFG with
+       the negative prompt "" = the trainer's CFG-dropout caption) equals, pixel for pixel, a plain Euler loop written
+       with the training conventions (x_s = (1 - s) x0 + s noise, t = 1000 s, v = noise - x0);
+    3. the clips are memorised: the exported model's x0 prediction at s = 0.1 / 0.3 is its own clip (not the other
+       one), and each clip noised to s = 0.5 (half signal, half noise) and sampled back with its caption through the
+       pipeline's own denoising loop (`denoise`, CFG) reproduces ITS clip (PSNR, and the ShapesWorld evaluator reads
+       the right colour, shape and direction).
+
+    Not asserted, measured: text-to-video from pure noise (s = 1) does not yet reproduce the clip in this budget
+    (PSNR ~16 dB to either clip; colour usually right, shape / direction often not, at 250..3000 steps). The cause is not a
+    train/sample mismatch (2 shows there is none) but where the layout comes from: VideoDiT, like Wan, has only
+    relative (RoPE) positions, so at s ~ 1 the model can place an object only through slow-to-learn border effects
+    (a 1000-step run on another pair had learnt each clip's column at s = 0.99, not its row or frame
+    order)."""
+    import numpy as np
+
+    from vdiff.data.shapes import ShapesWorld
+    from vdiff.diffusion.flow import add_noise, predict_x0, timesteps_of
+    from vdiff.diffusion.sampling import denoise, fresh_scheduler, sampler_name, scheduler_shift
+    from vdiff.eval.shapes_eval import evaluate_clip
+    from vdiff.pipeline import VideoPipeline, to_uint8
+
+    out, steps = tmp_path / "overfit", 1000
+    data = ["data.num_frames=4", "data.height=16", "data.width=16", "data.seed=57", "data.num_samples=2"]
     proc = run_train([
-        f"output_dir={out}", "model.attention_head_dim=32", "model.ffn_dim=128", "model.patch_size=[1,1,1]",
-        "data.num_frames=4", "data.seed=4", "data.num_samples=2", "train.batch_size=2", "train.max_steps=250", "train.checkpoint_every=1000",
-        "train.cfg_dropout=0.0", "train.ema_decay=0.0", "optim.lr=3e-3", "optim.warmup_steps=10",
-        "optim.schedule=cosine", "flow.sampling=uniform", "train.export=false",
+        f"output_dir={out}", "model.attention_head_dim=32", "model.ffn_dim=128", "model.patch_size=[1,1,1]", *data,
+        "train.batch_size=2", f"train.max_steps={steps}", "train.checkpoint_every=100000", "train.cfg_dropout=0.1",
+        "train.ema_decay=0.0", "optim.lr=3e-3", "optim.warmup_steps=10", "optim.schedule=cosine",
+        "flow.sampling=uniform", "train.export=true",
     ], timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    curve = [losses(out)[s] for s in range(1, 251)]
+    curve = [losses(out)[s] for s in range(1, steps + 1)]
     start, end = sum(curve[:5]) / 5, sum(curve[-20:]) / 20
-    assert start > 1.5 and end < 0.25 * start, (start, end)
+    assert start > 1.5 and end < 0.1 * start, (start, end)
+
+    ds = ShapesWorld(2, num_frames=4, height=16, width=16, seed=57)
+    clips = [ds.clip(i) for i in range(2)]  # uint8 (T, H, W, 3)
+    caps = [ds[i]["caption"] for i in range(2)]
+    assert caps == ["a red square moving right", "a green triangle moving left"]  # differ in every attribute
+
+    pipe = VideoPipeline.from_pretrained(out / "pipeline")
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert sampler_name(pipe.scheduler) == recipe["validation"]["sampler"]
+    assert scheduler_shift(pipe.scheduler) == recipe["validation"]["shift"]
+    assert pipe.config.negative_prompt == ""  # the caption CFG dropout trained as "unconditional"
+    m, guidance = pipe.transformer, 3.0
+    with torch.no_grad():
+        x0 = pipe.vae.encode(torch.stack([ds[i]["video"] for i in range(2)])).float()  # (2, 48, 4, 4, 4)
+        text = pipe.text_encoder.encode(caps).embeds  # (2, S, 384)
+        empty = pipe.text_encoder.encode(["", ""]).embeds  # (2, S, 384)
+
+        # 2. the pipeline's sampler == a plain Euler loop in the training conventions (same seed, same sigmas)
+        sched = fresh_scheduler(pipe.scheduler, "euler")
+        sched.set_timesteps(10)
+        sigmas = sched.sigmas.float()
+        torch.testing.assert_close(sched.timesteps.float(), timesteps_of(sigmas[:-1]))
+        x = torch.randn(1, *x0.shape[1:], generator=torch.Generator().manual_seed(0))  # the pipeline's noise
+        for a, b in zip(sigmas[:-1], sigmas[1:]):
+            t = timesteps_of(a.view(1))
+            v_c = m(x, t, text[:1], return_dict=False)[0]
+            v_u = m(x, t, empty[:1], return_dict=False)[0]
+            x = x + (b - a) * (v_u + guidance * (v_c - v_u))
+        plain = to_uint8(pipe.vae.decode(x))[0]
+        sample = pipe(caps[0], num_frames=4, height=16, width=16, num_inference_steps=10, guidance_scale=guidance,
+                      seed=0, sampler="euler").frames
+        assert np.abs(sample.astype(int) - plain.astype(int)).max() <= 1
+
+        # 3a. x0 predicted at low noise is the clip's own
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        for s0 in (0.1, 0.3):
+            s = torch.full((2,), s0)
+            x_s = add_noise(x0, noise, s)
+            x0_hat = predict_x0(x_s, m(x_s, timesteps_of(s), text, return_dict=False)[0], s)
+            own = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3, 4))
+            other = ((x0_hat - x0.flip(0)) ** 2).mean(dim=(1, 2, 3, 4))
+            assert (own < 0.1 * other).all(), (s0, own, other)
+
+        # 3b. each clip noised to s = 0.5 (3 noise draws) -> the pipeline's denoising loop with its caption
+        x0_6, text_6, empty_6 = x0.repeat(3, 1, 1, 1, 1), text.repeat(3, 1, 1), empty.repeat(3, 1, 1)  # clip 0, 1, 0, ..
+        noise_6 = torch.randn(x0_6.shape, generator=torch.Generator().manual_seed(1))
+        x_half = add_noise(x0_6, noise_6, torch.full((6,), 0.5))
+        result = denoise(m, x_half, text_6, empty_6, _StartAt(fresh_scheduler(pipe.scheduler, "euler"), 0.5), 10,
+                         guidance)
+        samples = to_uint8(pipe.vae.decode(result.latents))  # (6, T, H, W, 3)
+    read_right = 0
+    for k in range(6):
+        i = k % 2
+        own, other = _psnr(samples[k], clips[i]), _psnr(samples[k], clips[1 - i])
+        score = evaluate_clip(samples[k], caps[i])
+        read_right += score.all_correct
+        print(f"{caps[i]}: PSNR own {own:.1f} dB, other {other:.1f} dB; read {score.colour} {score.shape} "
+              f"{score.direction}")
+        assert own >= 22 and own >= other + 6, (caps[i], own, other)
+    # Shape at 4 px is the evaluator's finest call (seen: 6/6 at 1000 steps, 4/6 at 600, square read as triangle)
+    assert read_right >= 5, read_right
