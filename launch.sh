@@ -26,6 +26,9 @@ usage: ./launch.sh COMMAND [ARGS...]
   train --config FILE [--nproc N] [--nodes N --node-rank R --master-addr HOST --master-port P] [key=value ...]
                         train with torchrun: one process per GPU (--nproc defaults to the GPU count, 1 on CPU);
                         multi-node: run the same command on every node with its --node-rank
+  eval [--checkpoint DIR] [--out FILE] [key=value ...]
+                        generate clips over the ShapesWorld grammar and score them (default: checkpoints/shapes-tiny;
+                        num_clips= steps= guidance= attention= seed= batch_size=); ./launch.sh eval --help
   bench NAME [ARGS]     run a benchmark: prints a table, writes JSON under bench/results/
                         NAME is one of: $(bench_names)
   serve --checkpoint DIR [--host 127.0.0.1] [--port 7860]
@@ -143,6 +146,10 @@ case "$cmd" in
         ensure_setup
         cd "$ROOT"
         train_cmd "$@" ;;
+    eval)
+        ensure_setup
+        cd "$ROOT"
+        vpy "$ROOT/scripts/eval.py" "$@" ;;
     help|-h|--help)
         usage ;;
     *)

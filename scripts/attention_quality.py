@@ -1,0 +1,89 @@
+"""Quality vs attention: the same ShapesWorld recipe trained natively with each attention backend, then evaluated.
+
+    python scripts/attention_quality.py                                  # full recipe, every backend (GPU: minutes)
+    python scripts/attention_quality.py --steps 300 --num-clips 36        # reduced size (CPU: say so in any table)
+
+For each backend: `./launch.sh train --config RECIPE model.attention=... train.max_steps=STEPS output_dir=...`
+(same seeds, same data, same steps), then `./launch.sh eval --checkpoint OUT/pipeline num_clips=N` (sampling with
+the backend it was trained with: the exported pipeline keeps its attention config). Prints one row per backend:
+eval scores (all-correct, held-out all-correct, per attribute, temporal), training tokens/s and seconds per sampled
+clip, and writes bench/results/attention-quality-<machine>.json.
+
+Backend settings sized for the bundled model's 16 x 4 x 4 = 256-token grid (what each keeps of the 256 x 256
+attention map, measured at sampling): radial block_size=16 (one frame per block, ~12% dense), sliding_tile tile
+(2,4,4) window (3,1,1) (~38%), vmoba chunk (2 frames) top-3 (~53%). Change them with --set BACKEND.key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS: dict[str, list[str]] = {
+    "dense": ["model.attention.backend=dense"],
+    "radial": ["model.attention.backend=radial", "model.attention.radial.block_size=16"],
+    "sliding_tile": ["model.attention.backend=sliding_tile", "model.attention.sliding_tile.tile=[2,4,4]",
+                     "model.attention.sliding_tile.window=[3,1,1]"],
+    "vmoba": ["model.attention.backend=vmoba", "model.attention.vmoba.chunk_t=2", "model.attention.vmoba.chunk_hw=[4,4]",
+              "model.attention.vmoba.chunk_thw=[2,4,4]", "model.attention.vmoba.topk=3"],
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/train/shapes_tiny.yaml")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ",".join(BACKENDS))
+    p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipe's)")
+    p.add_argument("--num-clips", type=int, default=144)
+    p.add_argument("--out-root", default="outputs/attention-quality")
+    p.add_argument("--set", action="append", default=[], metavar="BACKEND.key=value",
+                   help="extra recipe override for one backend, e.g. radial.model.attention.radial.decay_factor=0.9")
+    p.add_argument("--skip-train", action="store_true", help="only evaluate runs already under --out-root")
+    args = p.parse_args()
+
+    rows = []
+    for name in args.backends.split(","):
+        if name not in BACKENDS:
+            raise SystemExit(f"--backends: unknown {name!r}; known: {list(BACKENDS)}")
+        out = Path(args.out_root) / name
+        extra = [s.split(".", 1)[1] for s in args.set if s.split(".", 1)[0] == name]
+        overrides = [*BACKENDS[name], *extra, f"output_dir={out}", "validation.at_end=false"]
+        if args.steps:
+            overrides.append(f"train.max_steps={args.steps}")
+        if not args.skip_train:
+            run(["./launch.sh", "train", "--config", args.config, *overrides])
+        report_path = out / "eval.json"
+        run(["./launch.sh", "eval", "--checkpoint", str(out / "pipeline"), "--out", str(report_path), "--quiet",
+             f"num_clips={args.num_clips}"])
+        summary = json.loads((out / "summary.json").read_text())
+        rep = json.loads(report_path.read_text())
+        res = rep["results"]
+        rows.append({
+            "backend": name, "steps": summary["steps"], "final_loss": round(summary["final_loss"], 4),
+            "all_correct": res["all_correct"], "heldout_all_correct": res["heldout"]["all_correct"],
+            "colour": res["colour"], "shape": res["shape"], "direction": res["direction"],
+            "temporal": round(res["temporal"], 3), "train_tokens_per_s": round(summary["tokens_per_s"]),
+            "s_per_clip": round(rep["seconds_per_clip"], 3), "overrides": overrides,
+        })
+    sys.path.insert(0, str(ROOT))
+    from bench.common import machine_info, print_table, write_result
+
+    cols = ["backend", "steps", "final_loss", "all_correct", "heldout_all_correct", "colour", "shape", "direction",
+            "temporal", "train_tokens_per_s", "s_per_clip"]
+    print_table(rows, cols, title="quality vs attention (ShapesWorld, natively trained)")
+    write_result("attention-quality", rows, {"config": args.config, "steps": args.steps, "num_clips": args.num_clips,
+                                             "command": " ".join(sys.argv), "machine": machine_info()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
