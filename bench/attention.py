@@ -7,8 +7,11 @@
     ./launch.sh bench attention --grid 4,16,16 --methods radial sliding_tile
 
 Every registered sparse backend with an option set below is measured (VMoBA too, once vdiff.attention.vmoba
-registers) through its *fast* path (impl=fast), against dense SDPA (flash / cuDNN / memory-efficient on GPU, math
-on CPU), dense FlexAttention, and xformers / flash_attn where they run. Columns:
+registers) through each implementation in --impls (default: fast = FlexAttention for every method, and gather =
+dense SDPA over gathered key blocks for radial / sliding_tile; `reference` = explicit [L, L] mask + SDPA can be
+added), against dense SDPA (flash / cuDNN / memory-efficient on GPU, flash kernel on CPU), dense FlexAttention, and
+xformers / flash_attn where they run. Columns:
+    impl            the sparse implementation (attention.impl) of the row
     density         fraction of (query, key) pairs the method computes (`sparse_pattern(...).density`; VMoBA: the
                     call's selection, mean over heads)
     blocks          fraction of kernel blocks visited (static methods; partial blocks count whole)
@@ -17,7 +20,7 @@ on CPU), dense FlexAttention, and xformers / flash_attn where they run. Columns:
     ideal           1 / density
     frac            achieved fraction of the ideal speed-up over the best dense kernel = x_best / ideal
     fwdbwd_*        the same for forward+backward (on CPU compiled FlexAttention has no backward: n/a; training on
-                    CPU runs the reference path, which is dense SDPA with a mask and no faster than dense)
+                    CPU runs the gather path, impl=auto's choice there)
     first_s         first call: mask build + compile (masks are then cached across layers, steps and requests)
 """
 
@@ -34,6 +37,7 @@ from vdiff.attention import AttentionContext, MaskCache, available, get_backend,
 from vdiff.config import AttentionConfig, RadialConfig, SlidingTileConfig, VMoBAConfig
 
 CONFIG_CLASSES = {"radial": RadialConfig, "sliding_tile": SlidingTileConfig, "vmoba": VMoBAConfig}
+STATIC = ("radial", "sliding_tile")  # methods with a gather / reference path of the same block pattern
 
 # Per shape: method -> list of (layer, options). Options chosen to span densities; radial's density depends on the
 # frame count (frames at distance <= 1 are always attended), so CPU adds a 32-frame grid of the same token count.
@@ -79,8 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="*", default=None, help="sparse methods to run (default: every registered one)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per kernel (default: 5 on CPU, 10 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per kernel first")
+    p.add_argument("--impls", nargs="*", default=["fast", "gather"], choices=["fast", "gather", "reference"],
+                   help="sparse implementations to time (gather / reference: radial and sliding_tile only; "
+                        "default: fast gather)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 gives ratios robust to other jobs' load")
     return p.parse_args(argv)
 
 
@@ -130,19 +139,23 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
         backend = get_backend(name, device)
         ctx = AttentionContext(grid=grid, config=AttentionConfig(kernel=name), mask_cache=MaskCache())
         bwd_reason = _short(backend.backward_reason(device))
-        entries.append((dict(method=f"dense:{name}", options="", layer=0), _fwd(backend, ctx, q, k, v),
+        entries.append((dict(method=f"dense:{name}", impl="", options="", layer=0), _fwd(backend, ctx, q, k, v),
                         bwd_reason or _fwdbwd(backend, ctx, qg, kg, vg)))
     for method in methods:
         for layer, options in shape["methods"].get(method, []):
-            backend = get_backend(method, device)
-            cfg = AttentionConfig(backend=method, impl="fast", **{method: CONFIG_CLASSES[method](**options)})
-            ctx = AttentionContext(grid=grid, config=cfg, layer=layer, mask_cache=MaskCache())
-            bwd_reason = backend.backward_reason(device)
-            if bwd_reason is None and device.type == "cpu" and method in ("radial", "sliding_tile", "vmoba"):
-                bwd_reason = "CPU: no Flex backward"
-            label = ", ".join(f"{key}={val}" for key, val in options.items())
-            entries.append((dict(method=method, options=label, layer=layer, _backend=backend, _ctx=ctx),
-                            _fwd(backend, ctx, q, k, v), bwd_reason or _fwdbwd(backend, ctx, qg, kg, vg)))
+            for impl in args.impls:
+                if impl != "fast" and method not in STATIC:
+                    continue  # gather / reference rows: the static methods only (VMoBA keeps its impl=fast rows)
+                backend = get_backend(method, device)
+                cfg = AttentionConfig(backend=method, impl=impl, **{method: CONFIG_CLASSES[method](**options)})
+                ctx = AttentionContext(grid=grid, config=cfg, layer=layer, mask_cache=MaskCache())
+                bwd_reason = backend.backward_reason(device)
+                if bwd_reason is None and device.type == "cpu" and impl == "fast":
+                    bwd_reason = "CPU: no Flex backward"
+                label = ", ".join(f"{key}={val}" for key, val in options.items())
+                entries.append((dict(method=method, impl=impl, options=label, layer=layer, _backend=backend,
+                                     _ctx=ctx), _fwd(backend, ctx, q, k, v),
+                                bwd_reason or _fwdbwd(backend, ctx, qg, kg, vg)))
 
     rows = []
     for row, fwd, _ in entries:  # first call: mask build + compile
@@ -153,7 +166,8 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
         row["first_s"] = time.perf_counter() - t0
         if "_backend" in row:  # right after its own call: VMoBA's density is that of the last call
             row["density"] = row["_backend"].density(row["_ctx"])
-        print(f"  [{grid}] first call {row['method']} {row['options']}: {row['first_s']:.1f}s", flush=True)
+        print(f"  [{grid}] first call {row['method']} {row['impl']} {row['options']}: {row['first_s']:.1f}s",
+              flush=True)
 
     print(f"  [{grid}] timing forward ({repeats} interleaved rounds)...", flush=True)
     fwd_times = time_alternating({i: fwd for i, (_, fwd, _) in enumerate(entries)}, warmup=args.warmup,
@@ -195,6 +209,8 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_name = args.shapes or ("gpu" if device.type == "cuda" else "cpu")
     shapes = SHAPE_SETS[set_name]
@@ -212,12 +228,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for shape in shapes:
         rows += bench_shape(shape, args, device, methods)
-    columns = ["grid", "method", "options", "layer", "density", "blocks", "fwd_ms", "x_sdpa", "x_best", "ideal",
+    columns = ["grid", "method", "impl", "options", "layer", "density", "blocks", "fwd_ms", "x_sdpa", "x_best", "ideal",
                "frac", "fwdbwd_ms", "fwdbwd_x_best", "fwdbwd_frac", "first_s"]
     print_table(rows, columns, title=f"attention: {set_name} shapes, batch {args.batch}, heads/dim per shape "
                                      f"{[(s['heads'], s['dim'], s['dtype']) for s in shapes]}")
-    write_result("attention", rows, meta=dict(shapes=shapes, methods=methods, repeats=args.repeats,
-                                              warmup=args.warmup, batch=args.batch))
+    write_result("attention", rows, meta=dict(shapes=shapes, methods=methods, impls=args.impls, repeats=args.repeats,
+                                              warmup=args.warmup, batch=args.batch,
+                                              threads=torch.get_num_threads()))
     return rows
 
 

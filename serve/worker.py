@@ -128,6 +128,7 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     device: str | None = None
+    worker: int | None = None  # index of the pool worker (one per pipeline) that ran it
     step: int = 0
     num_steps: int = 0
     result: JobResult | None = None
@@ -205,12 +206,12 @@ class WorkerPool:
         self.video_format = video_format
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "busy": 0, "out_of_memory": 0}
         self._waiting: deque[Job] = deque()
-        self._running: dict[str, Job] = {}
+        self._running: dict[int, Job] = {}  # worker index -> its job (device labels may repeat: "cpu,cpu")
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._serve, args=(pipe, device), name=f"vdiff-worker-{device}", daemon=True)
-            for pipe, device in zip(self.pipelines, self.devices)
+            threading.Thread(target=self._serve, args=(pipe, index), name=f"vdiff-worker-{index}-{device}", daemon=True)
+            for index, (pipe, device) in enumerate(zip(self.pipelines, self.devices))
         ]
         for thread in self._threads:
             thread.start()
@@ -292,24 +293,25 @@ class WorkerPool:
 
     # ---- worker side -------------------------------------------------------------------------------------------
 
-    def _next(self, device: str) -> Job | None:
+    def _next(self, worker: int) -> Job | None:
         with self._cond:
             while not self._waiting and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
             job = self._waiting.popleft()
-            self._running[device] = job
+            self._running[worker] = job
             return job
 
-    def _serve(self, pipe: Any, device: str) -> None:
-        while (job := self._next(device)) is not None:
+    def _serve(self, pipe: Any, worker: int) -> None:
+        while (job := self._next(worker)) is not None:
             try:
-                result, error = self._run(pipe, device, job), None
+                job.worker = worker
+                result, error = self._run(pipe, self.devices[worker], job), None
             except BaseException as exc:  # every failure ends this job only; the worker keeps serving
                 result, error = None, exc
             with self._cond:
-                self._running.pop(device, None)
+                self._running.pop(worker, None)
                 key = ("completed" if error is None else "cancelled" if isinstance(error, Cancelled)
                        else "out_of_memory" if isinstance(error, OutOfMemory) else "failed")
                 self.counts[key] += 1

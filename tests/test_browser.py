@@ -59,9 +59,15 @@ def driver():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+BUNDLED = ROOT / "checkpoints" / "shapes-tiny"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    checkpoint = save_tiny_pipeline(tmp_path_factory.mktemp("browser") / "tiny-pipeline")
+    # The bundled model (what `./launch.sh demo` serves, so the screenshot shows a real generation); a random tiny
+    # pipeline only if a checkout has no bundled checkpoint.
+    checkpoint = BUNDLED if (BUNDLED / "vdiff.json").is_file() else save_tiny_pipeline(
+        tmp_path_factory.mktemp("browser") / "tiny-pipeline")
     srv = serve(checkpoint, port=free_port(), block=False, quiet=True)
     yield srv
     srv.close()
@@ -85,7 +91,7 @@ def test_page_loads_generates_and_shows_the_video(driver, server):
     prompt.send_keys("a red circle moving right")
     steps = driver.find_element(By.CSS_SELECTOR, "#vdiff-steps input")
     steps.send_keys(Keys.CONTROL, "a")
-    steps.send_keys("6")
+    steps.send_keys("20")
     seed = driver.find_element(By.CSS_SELECTOR, "#vdiff-seed input")
     seed.send_keys(Keys.CONTROL, "a")
     seed.send_keys("42", Keys.ENTER)
@@ -95,16 +101,18 @@ def test_page_loads_generates_and_shows_the_video(driver, server):
     # The stats line fills in when the generation is done; the video element then plays the served mp4.
     wait.until(lambda d: "seed 42" in d.find_element(By.CSS_SELECTOR, "#vdiff-stats textarea").get_attribute("value"))
     stats = driver.find_element(By.CSS_SELECTOR, "#vdiff-stats textarea").get_attribute("value")
-    assert "6 steps" in stats and "attention dense" in stats, stats
+    assert "20 steps" in stats and "attention dense" in stats, stats
     video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#vdiff-video video"))
     src = video.get_attribute("src")
     assert src and "/gradio_api/file=" in src and src.endswith(".mp4"), src
     wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 2 && arguments[0].videoWidth", video))
-    assert driver.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", video) == [32, 32]
+    cfg = server.pool.pipelines[0].config  # the page's defaults are the checkpoint's
+    size = driver.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", video)
+    assert size == [cfg.width, cfg.height], size
     assert server.pool.status()["completed"] == completed + 1
 
     served = server.pool.store.files()[-1]
-    assert decode_video(served).shape == (16, 32, 32, 3)  # the page's default: 16 frames
+    assert decode_video(served).shape == (cfg.num_frames, cfg.height, cfg.width, 3)
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "browser-generation.png"

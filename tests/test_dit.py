@@ -159,3 +159,59 @@ def test_bad_attention_requests_fail_early():
     x, t, ctx, _ = _inputs(CONFIGS["odd-nonsquare"]["cfg"], CONFIGS["odd-nonsquare"]["latent"])
     with pytest.raises(TypeError, match="unknown attention_kwargs"):
         model(x, t, ctx, attention_kwargs={"steps": 3})
+
+
+def test_absolute_position_embedding_option():
+    """`abs_pos_embed` (vdiff's option, off = Wan): the table is the documented sin-cos of each token's (t, h, w)
+    index, added after the patch embedding times a learned per-channel gain: with the gain at 0 the model is exactly
+    the same weights without the option, with its initial 1 the output changes; Wan kwargs refuse the option."""
+    import math
+
+    from vdiff.config import ConfigError
+    from vdiff.models.layers import absolute_position_table, rope_axis_dims
+
+    grid, dim = (3, 4, 5), 36
+    table = absolute_position_table(grid, dim, "cpu")  # (60, 36)
+    dt, dh, dw = rope_axis_dims(dim)
+    t, h, w = 2, 1, 3
+    row = table[(t * grid[1] + h) * grid[2] + w]
+    assert math.isclose(row[0].item(), math.sin(t * 1.0), abs_tol=1e-6)  # first t channel: sin(t * 1)
+    assert math.isclose(row[dt // 2].item(), math.cos(t * 1.0), abs_tol=1e-6)
+    f1 = 1.0 / 10000 ** (2 / dh)  # second h frequency
+    assert math.isclose(row[dt + 1].item(), math.sin(h * f1), abs_tol=1e-6)
+    assert math.isclose(row[dt + dh + dw // 2].item(), math.cos(w * 1.0), abs_tol=1e-6)
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", num_layers=2)
+    plain = VideoDiT.from_model_config(cfg).eval()
+    with_pe = VideoDiT.from_model_config(dataclasses_replace(cfg, abs_pos_embed=True)).eval()
+    missing, unexpected = with_pe.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["pos_embed_gain"] and unexpected == []
+    x, ts, text = torch.randn(1, 48, 3, 8, 8), torch.tensor([700.0]), torch.randn(1, 6, 384)
+    assert torch.equal(with_pe.pos_embed_gain, torch.ones(cfg.hidden_size))
+    with torch.no_grad():
+        base = plain(x, ts, text, return_dict=False)[0]
+        moved = with_pe(x, ts, text, return_dict=False)[0]
+        with_pe.pos_embed_gain.zero_()
+        assert torch.equal(with_pe(x, ts, text, return_dict=False)[0], base)  # gain 0: exactly the plain model
+    assert (moved - base).abs().max() > 1e-2
+    with pytest.raises(ConfigError, match="abs_pos_embed"):
+        dataclasses_replace(cfg, abs_pos_embed=True).to_diffusers()
+    assert "abs_pos_embed" not in cfg.to_diffusers()
+
+
+def test_absolute_position_embedding_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = VideoDiT.from_model_config(model_preset("tiny", num_layers=1, abs_pos_embed=True))
+    with torch.no_grad():
+        model.pos_embed_gain.normal_()
+    model.save_pretrained(tmp_path / "m")
+    loaded = VideoDiT.from_pretrained(tmp_path / "m")
+    assert model_config_of(loaded).abs_pos_embed is True
+    assert torch.equal(loaded.pos_embed_gain, model.pos_embed_gain)
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

@@ -328,6 +328,38 @@ def test_pool_close_removes_the_output_area(checkpoint):
         pool.submit(req)
 
 
+def test_requests_spread_across_devices(checkpoint):
+    """Two pipelines (two "devices": on a GPU box these are cuda:0 and cuda:1; here both are labelled cpu): two held
+    requests run at the same time, one per worker, a third waits; released, all three complete, and the same
+    request gives the same video on either worker (each worker owns its pipeline, no shared sampler state)."""
+    from serve.validation import GenerationRequest
+    from vdiff import VideoPipeline
+
+    control = StepControl()
+    pool = WorkerPool([VideoPipeline.from_pretrained(checkpoint) for _ in range(2)], ["cpu", "cpu"], max_queue=2,
+                      store=OutputStore(max_files=8), step_hooks=[control])
+    try:
+        def request(prompt: str) -> GenerationRequest:
+            return GenerationRequest(prompt=prompt, negative_prompt=None, seed=3, num_inference_steps=2,
+                                     guidance_scale=2.0, num_frames=4, height=32, width=32, attention="dense",
+                                     attention_is_default=True)
+
+        jobs = [pool.submit(request(f"{HOLD} a red circle moving left")) for _ in range(3)]
+        assert wait_until(lambda: pool.status()["running"] == 2 and pool.status()["waiting"] == 1, timeout=60)
+        assert sorted(j.worker for j in jobs if j.worker is not None) == [0, 1]  # one per worker, concurrently
+        control.release.set()
+        results = [j.wait(120) for j in jobs]
+        assert pool.status()["completed"] == 3
+        videos = [decode_video(r.path) for r in results]
+        assert videos[0].shape == (4, 32, 32, 3) and videos[0].std() > 0
+        by_worker = {j.worker: v for j, v in zip(jobs, videos)}
+        assert set(by_worker) == {0, 1}
+        np.testing.assert_array_equal(by_worker[0], by_worker[1])
+    finally:
+        control.release.set()
+        pool.close()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Login, validation and stats formatting (no generation)
 # ---------------------------------------------------------------------------------------------------------------------

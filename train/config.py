@@ -44,6 +44,7 @@ class ModelSection:
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int | None = None
     pos_embed_seq_len: int | None = None
+    abs_pos_embed: bool | None = None
 
     def __post_init__(self) -> None:
         self.to_model_config()  # a bad preset or field fails at load time, naming the key
@@ -118,6 +119,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: str | None = None  # latest | a checkpoint folder
+    # start from these weights instead of random ones (fine-tuning): a pipeline folder (its transformer/), a
+    # transformer folder or a .safetensors file. A resumed run restores its own checkpoint instead.
+    init_from: str | None = None
     deepspeed: str = "none"  # none | zero2 | zero3 | zero2_offload | zero3_offload | path/to/ds_config.json
     sequence_parallel: int = 1  # Ulysses group size; must divide the number of processes and the head count
     log_every: int = 1

@@ -48,6 +48,42 @@ DEBUG_DIR_ENV = "VDIFF_TRAIN_DEBUG_DIR"
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Initial weights (train.init_from): fine-tuning starts from a saved transformer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+# vdiff's own additions to Wan's VideoDiT (no Wan checkpoint has them): allowed to be missing from initial weights,
+# they keep their fresh initialisation
+OPTIONAL_KEYS = {"pos_embed_gain"}
+
+
+def load_initial_weights(model: VideoDiT, source: str | Path) -> None:
+    """`train.init_from`: copy weights into a freshly built model. Every key must match in name and shape, except
+    vdiff's own additions (OPTIONAL_KEYS: e.g. a Wan checkpoint fine-tuned with abs_pos_embed=true), which keep their
+    fresh initialisation."""
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    for candidate in (path / "transformer" / "diffusion_pytorch_model.safetensors",
+                      path / "diffusion_pytorch_model.safetensors", path):
+        if candidate.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"train.init_from: no transformer weights at {source} (a pipeline folder, a "
+                                "transformer folder or a .safetensors file)")
+    state = load_file(str(candidate))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - OPTIONAL_KEYS)
+    if wrong or unexpected or missing:
+        raise ValueError(f"train.init_from={source}: weights do not fit this model config: shape mismatches {wrong[:5]}, "
+                         f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    logger.info("initial weights from %s (%d tensors)", candidate, len(state))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Data order: deterministic, sharded by data-parallel rank, resumable at any step
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -140,6 +176,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(r.seed)
             model = VideoDiT.from_model_config(self.model_config)
+        if r.init_from:
+            load_initial_weights(model, r.init_from)
         model.to(self.device)
         model.set_attention(recipe.model.attention)  # raises now if the backend cannot run (or train) here
         if r.gradient_checkpointing:

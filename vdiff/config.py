@@ -48,6 +48,11 @@ class ModelConfig:
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
+    # vdiff's own option, not Wan's (off = exactly Wan): add a fixed 3D sin-cos embedding of each token's absolute
+    # (t, h, w) index, scaled by a learned per-channel gain (starts at 1). RoPE positions are relative only, so a
+    # model sees absolute placement only through slow-to-learn border effects; small models trained from scratch on
+    # layout-from-text tasks (the bundled ShapesWorld model: "moving left" from pure noise) learn it with this.
+    abs_pos_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_head_dim % 2:
@@ -63,7 +68,14 @@ class ModelConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The kwargs of `WanTransformer3DModel(**kwargs)` / `VideoDiT(**kwargs)`."""
+        """The kwargs of diffusers' `WanTransformer3DModel(**kwargs)` (Wan's fields only)."""
+        kwargs = dataclasses.asdict(self)
+        if kwargs.pop("abs_pos_embed"):
+            raise ConfigError("model.abs_pos_embed=true has no Wan/diffusers equivalent (WanTransformer3DModel)")
+        return kwargs
+
+    def to_vdiff(self) -> dict[str, Any]:
+        """The kwargs of `VideoDiT(**kwargs)`: Wan's fields plus vdiff's own (`abs_pos_embed`)."""
         return dataclasses.asdict(self)
 
 
@@ -122,8 +134,9 @@ class AttentionConfig:
 
     `kernel` picks the dense kernel (sdpa | flex | xformers | flash); it is also what dense layers and dense
     warm-up steps of a sparse backend run. `impl` picks a sparse method's implementation: fast (block-sparse
-    kernels), reference (explicit mask + SDPA) or auto (fast where it can run the call, else reference; the
-    choice is reported by `vdiff.attention.available()`). gather: VMoBA only, its pure-PyTorch varlen path.
+    FlexAttention kernels), gather (pure PyTorch, backward on any device; radial / sliding_tile: dense SDPA over
+    gathered key blocks, VMoBA: its varlen path), reference (explicit mask + SDPA) or auto (CPU: gather; GPU: fast
+    where it can run the call, else reference; reported by `vdiff.attention.available()`).
     """
 
     backend: str = "dense"

@@ -1,4 +1,5 @@
-"""Shared helpers for block-sparse attention: block grids <-> token masks, FlexAttention BlockMasks, impl choice.
+"""Shared helpers for block-sparse attention: block grids <-> token masks, FlexAttention BlockMasks, the gather path,
+impl choice.
 
 A *block grid* is a BoolTensor [Nq, Nk] over blocks of `block_size` consecutive tokens (the last block may be
 partial when L is not a multiple of block_size). The FlexAttention kernel computes every (query, key) pair inside a
@@ -6,18 +7,32 @@ selected block, so the token-level set a block grid computes is `expand_blocks(b
 
 Used by radial and sliding_tile (static masks, built once per (grid, options, device) and cached), and available to
 VMoBA for its per-call block selections.
+
+The gather path (`gather_plan` + `gather_attention`, impl=gather) computes the same block-sparse attention with plain
+dense SDPA: query blocks with the same set of kept key blocks form a group; each group's queries and the tokens of
+its key blocks are gathered (index_select) and groups with equal (query, key) counts run as one batched SDPA call
+without a mask (the CPU flash kernel). Partial blocks (a grid that is not a multiple of the block or tile) only make
+other counts, hence their own bucket: nothing is padded and no mask is evaluated, so exactly the block pattern's
+pairs are computed. It is differentiable on any device (a custom backward per chunk, see `_GatherAttention`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vdiff.attention.dense import flex_backward_reason, flex_unavailable_reason
 from vdiff.attention.registry import BackendUnavailable
 
-IMPLS = ("auto", "fast", "reference")
+IMPLS = ("auto", "fast", "gather", "reference")
+# impl=auto on CPU runs the gather path (dense SDPA over gathered key blocks) for inference and training: compiled
+# FlexAttention on CPU runs at ~0.4x SDPA's speed per computed block and has no backward, and the reference path
+# computes all L x L pairs. Measured in bench/attention.py (see the README attention section).
+AUTO_GATHER_ON_CPU = True
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -76,16 +91,19 @@ def block_mask_from_mask_mod(mask_mod: Callable, length: int, block_size: int, d
 
 
 def choose_impl(method: str, impl: str, q: torch.Tensor) -> str:
-    """'fast' or 'reference' for this call, per `impl` (auto | fast | reference); raises if 'fast' cannot run.
+    """'fast', 'gather' or 'reference' for this call, per `impl` (auto | fast | gather | reference).
 
-    auto: the fast (FlexAttention) path, except where it cannot run this call: no FlexAttention at all, or a
-    call that needs a gradient on a device where compiled Flex has no backward (CPU); then the reference path,
-    which computes the same set of (query, key) pairs with an explicit mask + SDPA.
+    fast: FlexAttention; raises BackendUnavailable where it cannot run the call (no FlexAttention, or a gradient on
+    CPU, where compiled Flex has no backward). gather / reference: that path (plain PyTorch, any device, backward).
+    auto: CPU -> gather, forward and backward (AUTO_GATHER_ON_CPU: measured faster than Flex and the reference there).
+    CUDA -> fast where FlexAttention can run the call, else reference.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention.impl must be one of {list(IMPLS)}, got {impl!r}")
-    if impl == "reference":
-        return "reference"
+    if impl in ("gather", "reference"):
+        return impl
+    if impl == "auto" and AUTO_GATHER_ON_CPU and q.device.type == "cpu":
+        return "gather"
     reason = flex_unavailable_reason(q.device)
     needs_grad = torch.is_grad_enabled() and q.requires_grad
     if reason is None and needs_grad:
@@ -93,7 +111,7 @@ def choose_impl(method: str, impl: str, q: torch.Tensor) -> str:
     if reason is None:
         return "fast"
     if impl == "fast":
-        raise BackendUnavailable(f"{method} (impl=fast): {reason}; use attention.impl=reference or auto")
+        raise BackendUnavailable(f"{method} (impl=fast): {reason}; use attention.impl=auto, gather or reference")
     return "reference"
 
 
@@ -103,3 +121,184 @@ def fast_unavailable_note(device: torch.device | str | None) -> str | None:
     if reason is not None:
         return f"fast path unavailable ({reason}); runs the reference path (explicit mask + SDPA)"
     return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gather path: block-sparse attention as batched dense SDPA over gathered key/value blocks (impl=gather).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+GATHER_CHUNK_BYTES = 8 << 20  # gathered K per SDPA call (see gather_attention)
+
+
+@dataclass(frozen=True)
+class GatherBucket:
+    """`groups` query groups of `q_len` queries, each attending its own `kv_len` keys: one SDPA call per chunk of
+    groups, no mask. q_index [groups * q_len / unit] / kv_index [groups * kv_len / unit]: indices of `unit`-token runs,
+    group after group."""
+
+    groups: int
+    q_len: int
+    kv_len: int
+    q_index: torch.Tensor
+    kv_index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """Index tensors of the gather path. Tokens move in runs of `unit` (the gcd of every block start and size), so a
+    gather copies unit * H * D contiguous values per index. Every query is in exactly one group."""
+
+    buckets: tuple[GatherBucket, ...]
+    length: int
+    unit: int
+
+    @property
+    def num_pairs(self) -> int:
+        """(query, key) pairs computed: the pattern's pairs exactly (no padding)."""
+        return sum(b.groups * b.q_len * b.kv_len for b in self.buckets)
+
+
+def token_ranges(starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Concatenated token ranges [start, start + size) of blocks, in the given order: LongTensor [sum(sizes)]."""
+    offsets = torch.cumsum(sizes, 0) - sizes  # where each block's run begins in the output
+    return torch.arange(int(sizes.sum())) + torch.repeat_interleave(starts - offsets, sizes)
+
+
+def gather_plan(starts: torch.Tensor, sizes: torch.Tensor, kept: torch.Tensor, device: torch.device | str,
+                query_starts: torch.Tensor | None = None, query_sizes: torch.Tensor | None = None) -> GatherPlan:
+    """Index tensors for `gather_attention`, from a block-level pattern over contiguous token blocks.
+
+    starts, sizes: LongTensor [Nk], the token range [start, start + size) of each key block (blocks cover [0, L) with
+    no overlap; sizes may differ, e.g. a partial last block or partial tiles). Query blocks are the same blocks unless
+    query_starts / query_sizes [Nq] are given. kept: BoolTensor [Nq, Nk], query block -> key blocks it attends (whole
+    blocks). Query blocks with the same row of `kept` are merged into one group (fewer, larger gathers); groups with
+    the same (queries, keys) counts share one bucket, so no bucket needs a mask or padding.
+    """
+    query_starts = starts if query_starts is None else query_starts
+    query_sizes = sizes if query_sizes is None else query_sizes
+    if kept.shape != (query_starts.numel(), starts.numel()):
+        raise ValueError(f"gather_plan: kept is {tuple(kept.shape)}, expected ({query_starts.numel()}, "
+                         f"{starts.numel()})")
+    length = int(sizes.sum())
+    if int(query_sizes.sum()) != length:
+        raise ValueError(f"gather_plan: query blocks cover {int(query_sizes.sum())} tokens, key blocks {length}")
+    empty = ~kept.any(1)
+    if empty.any():
+        raise ValueError(f"gather_plan: query block(s) {empty.nonzero().flatten().tolist()[:8]} attend no key block")
+    unit = math.gcd(*torch.cat([starts, sizes, query_starts, query_sizes]).tolist())
+    rows, group_of = torch.unique(kept, dim=0, return_inverse=True)  # (G, Nk) distinct key sets
+    groups: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for g in range(rows.shape[0]):
+        members = (group_of == g).nonzero().flatten()
+        kb = rows[g].nonzero().flatten()
+        q_units = token_ranges(query_starts[members] // unit, query_sizes[members] // unit)
+        kv_units = token_ranges(starts[kb] // unit, sizes[kb] // unit)
+        groups.setdefault((q_units.numel() * unit, kv_units.numel() * unit), []).append((q_units, kv_units))
+    buckets = [GatherBucket(len(members), q_len, kv_len, torch.cat([m[0] for m in members]).to(device),
+                            torch.cat([m[1] for m in members]).to(device))
+               for (q_len, kv_len), members in sorted(groups.items())]
+    return GatherPlan(tuple(buckets), length, unit)
+
+
+def _chunks(plan: GatherPlan, batch: int, token_bytes: int, chunk_bytes: int, device: torch.device):
+    """Yield (q_rows, kv_rows, sdpa_batch, q_len, kv_len) per SDPA call: row indices into [B * L / unit, ...] views
+    (batch-major), a few groups of one bucket at a time so that the gathered K stays under `chunk_bytes`."""
+    u, n = plan.unit, plan.length // plan.unit
+    batch_offsets = torch.arange(0, batch * n, n, device=device)[:, None]  # [B, 1] first row of each batch element
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        return index if batch == 1 else (batch_offsets + index).flatten()  # [B * len(index)]
+
+    for b in plan.buckets:
+        per = max(1, min(b.groups, chunk_bytes // (token_bytes * b.kv_len)))  # groups per SDPA call
+        for q_idx, kv_idx in zip(b.q_index.split(per * b.q_len // u), b.kv_index.split(per * b.kv_len // u)):
+            yield rows(q_idx), rows(kv_idx), batch * (q_idx.numel() * u // b.q_len), b.q_len, b.kv_len
+
+
+def _as_sdpa(rows: torch.Tensor, sdpa_batch: int, length: int, heads: int) -> torch.Tensor:
+    """Gathered rows [sdpa_batch * length / u, u * H * D] -> [sdpa_batch, H, length, D] (a view)."""
+    return rows.view(sdpa_batch, length, heads, -1).transpose(1, 2)
+
+
+def _from_sdpa(out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """[sdpa_batch, H, length, D] -> rows [sdpa_batch * length / u, u * H * D] (`shape`)."""
+    return out.transpose(1, 2).reshape(shape)
+
+
+def _cpu_flash(q: torch.Tensor) -> bool:
+    """Use the CPU flash kernel's own forward (which returns the log-sum-exp) and backward ops: the backward then
+    needs no recomputation of the forward. Elsewhere the backward recomputes each chunk through public SDPA."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _GatherAttention(torch.autograd.Function):
+    """Forward: per chunk, gather rows, SDPA, write the output rows. Backward: per chunk, gather again and run the
+    SDPA backward (CPU: the flash kernel's backward with the forward's saved log-sum-exp; other devices: recompute
+    that chunk through SDPA and autograd), adding the row gradients into one dq / dk / dv. Plain autograd through
+    index_select would allocate a zero gradient the size of K for every chunk and sum them (measured: as slow as the
+    reference path); this also keeps no gathered K/V alive between forward and backward (memory O(L))."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: GatherPlan, chunk_bytes: int):
+        B, L, Hh, D = q.shape
+        u = plan.unit
+        q_, k_, v_ = (t.reshape(B * L // u, u * Hh * D) for t in (q, k, v))  # one index moves a run of u tokens
+        out = torch.empty_like(q_)
+        flash, lse = _cpu_flash(q), []
+        for q_rows, kv_rows, sb, q_len, kv_len in _chunks(plan, B, Hh * D * k.element_size(), chunk_bytes, q.device):
+            qc = _as_sdpa(q_.index_select(0, q_rows), sb, q_len, Hh)
+            kc = _as_sdpa(k_.index_select(0, kv_rows), sb, kv_len, Hh)
+            vc = _as_sdpa(v_.index_select(0, kv_rows), sb, kv_len, Hh)
+            if flash:
+                o, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, kc, vc)
+                lse.append(lse_c)  # [sb, H, q_len]
+            else:
+                o = F.scaled_dot_product_attention(qc, kc, vc)  # [sb, H, q_len, D]
+            out.index_copy_(0, q_rows, _from_sdpa(o, (q_rows.numel(), out.shape[1])))
+        out = out.view(B, L, Hh, D)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.plan, ctx.chunk_bytes, ctx.lse = plan, chunk_bytes, lse
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out = ctx.saved_tensors
+        B, L, Hh, D = q.shape
+        u = ctx.plan.unit
+        q_, k_, v_, o_, go_ = (t.reshape(B * L // u, u * Hh * D) for t in (q, k, v, out, grad_out))
+        dq, dk, dv = (torch.zeros_like(t) for t in (q_, k_, v_))
+        chunks = _chunks(ctx.plan, B, Hh * D * k.element_size(), ctx.chunk_bytes, q.device)
+        for i, (q_rows, kv_rows, sb, q_len, kv_len) in enumerate(chunks):
+            qc = _as_sdpa(q_.index_select(0, q_rows), sb, q_len, Hh)
+            kc = _as_sdpa(k_.index_select(0, kv_rows), sb, kv_len, Hh)
+            vc = _as_sdpa(v_.index_select(0, kv_rows), sb, kv_len, Hh)
+            goc = _as_sdpa(go_.index_select(0, q_rows), sb, q_len, Hh)
+            if ctx.lse:
+                oc = _as_sdpa(o_.index_select(0, q_rows), sb, q_len, Hh)
+                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    goc, qc, kc, vc, oc, ctx.lse[i], 0.0, False)
+            else:
+                with torch.enable_grad():
+                    qc, kc, vc = (t.requires_grad_() for t in (qc, kc, vc))
+                    gq, gk, gv = torch.autograd.grad(F.scaled_dot_product_attention(qc, kc, vc), (qc, kc, vc), goc)
+            dq.index_add_(0, q_rows, _from_sdpa(gq, (q_rows.numel(), dq.shape[1])))
+            dk.index_add_(0, kv_rows, _from_sdpa(gk, (kv_rows.numel(), dk.shape[1])))
+            dv.index_add_(0, kv_rows, _from_sdpa(gv, (kv_rows.numel(), dv.shape[1])))
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None
+
+
+def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GatherPlan,
+                     chunk_bytes: int = GATHER_CHUNK_BYTES) -> torch.Tensor:
+    """Block-sparse attention: per bucket, gather its groups' queries and keys/values and run dense SDPA (no mask, so
+    the CPU flash kernel), then write the outputs back in token order. q, k, v: [B, L, H, D] -> [B, L, H, D].
+
+    A bucket runs a few groups at a time so that each gathered K (and V) stays under `chunk_bytes`: buffers that size
+    are reused from the allocator's heap and stay in cache, while one big gather per bucket spends most of its time
+    faulting in fresh pages (measured 3-4x slower on CPU). Differentiable (q, k, v) on any device (see
+    `_GatherAttention`); no double backward.
+    """
+    B, L, Hh, D = q.shape
+    if plan.length != L:
+        raise ValueError(f"gather_attention: q has {L} tokens, the plan was built for {plan.length}")
+    return _GatherAttention.apply(q, k, v, plan, chunk_bytes)

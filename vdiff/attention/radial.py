@@ -26,10 +26,13 @@ So there are two masks:
 fast path and the reference path compute), and `.density` its fraction of the L x L pairs; `.info` has the
 token-level density and the `token_mask` callable.
 
-Implementations (`attention.impl`):
+Implementations (`attention.impl`), all computing exactly that block-level set:
     fast       FlexAttention with a BlockMask built from the block grid (every selected block full); compiled.
+    gather     per query block, the tokens of its kept key blocks are gathered and dense SDPA runs batched over query
+               blocks with equal key counts (no mask; the partial last block lands in its own bucket); any device,
+               forward+backward (the backward recomputes each chunk's SDPA; `blocksparse.gather_attention`).
     reference  the same block grid expanded to an explicit BoolTensor [L, L] + SDPA; any device, forward+backward.
-    auto       fast, except for calls that need a gradient where compiled Flex has no backward (CPU): reference.
+    auto       CPU: gather (inference and training). CUDA: fast, or reference where FlexAttention cannot run.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vdiff.attention.blocksparse import block_mask_from_blocks, choose_impl, expand_blocks
+from vdiff.attention.blocksparse import (
+    GatherPlan,
+    block_mask_from_blocks,
+    choose_impl,
+    expand_blocks,
+    gather_attention,
+    gather_plan,
+)
 from vdiff.attention.dense import flex_run, sdpa_attention
 from vdiff.attention.patterns import SparsePattern, register_pattern
 from vdiff.attention.registry import AttentionBackend, AttentionContext, register_backend
@@ -197,6 +207,13 @@ def _block_grid_density(blocks: torch.Tensor, block_size: int, length: int) -> f
 register_pattern("radial", _radial_pattern)
 
 
+def radial_gather_plan(blocks: torch.Tensor, block_size: int, length: int, device: torch.device | str) -> GatherPlan:
+    """The gather path's index tensors for a block grid [N, N] over `length` frame-major tokens."""
+    starts = torch.arange(blocks.shape[0]) * block_size
+    sizes = (starts + block_size).clamp(max=length) - starts  # the last block may be partial
+    return gather_plan(starts, sizes, blocks, device)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Backend
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,8 +224,9 @@ class RadialBackend(AttentionBackend):
     sparse = True
     description = (
         "radial attention (static, frame-major): fast = FlexAttention block mask (GPU; on CPU forward only, compiled "
-        "Flex has no backward), reference = explicit mask + SDPA (any device). impl=auto trains on CPU through the "
-        "reference path (same pairs); impl=fast with a gradient on CPU raises."
+        "Flex has no backward), gather = SDPA over gathered key blocks, reference = explicit mask + SDPA (both any "
+        "device, with backward). impl=auto: CPU gather (inference and training), CUDA fast; impl=fast with a "
+        "gradient on CPU raises."
     )
 
     def _key(self, ctx: AttentionContext, opts: RadialOptions, what: str, device=None):
@@ -231,6 +249,11 @@ class RadialBackend(AttentionBackend):
         if q.shape[1] != length:
             raise ValueError(f"radial: q has {q.shape[1]} tokens but grid {ctx.grid} has {length}")
         impl = choose_impl("radial", ctx.config.impl, q)
+        if impl == "gather":
+            plan = ctx.mask_cache.get_or_build(self._key(ctx, opts, "gather", q.device),
+                                               lambda: radial_gather_plan(self._blocks(ctx, opts), opts.block_size,
+                                                                          length, q.device))
+            return gather_attention(q, k, v, plan)
         if impl == "fast":
             block_mask = ctx.mask_cache.get_or_build(
                 self._key(ctx, opts, "flex", q.device),

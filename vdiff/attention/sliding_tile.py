@@ -18,8 +18,12 @@ Implementations (`attention.impl`), over tile-major tokens (the order the model 
                tile boundary are partial and evaluate the exact tile rule per token. So the kernel computes exactly
                the tile pattern, whether or not tiles line up with the 128-token blocks (they do when a tile holds a
                multiple of 128 tokens and the grid is a multiple of the tile).
+    gather     query tiles with the same window (the clamped ones at the grid's edges) form one group; each group's
+               queries and the tokens of its key tiles are gathered and dense SDPA runs batched over groups with equal
+               (query, key) counts: no mask, and partial tiles only make other counts (their own bucket). Any
+               device, forward+backward (the backward recomputes each chunk's SDPA; `blocksparse.gather_attention`).
     reference  explicit BoolTensor [L, L] over tile-major tokens + SDPA; any device, forward+backward.
-    auto       fast, except for calls that need a gradient where compiled Flex has no backward (CPU): reference.
+    auto       CPU: gather (inference and training). CUDA: fast, or reference where FlexAttention cannot run.
 `sparse_pattern("sliding_tile", grid, tile=..., window=...).mask()` is that set over *frame-major* tokens
 (mask_frame_major = mask_tile_major[inv][:, inv] with inv = argsort(perm)).
 """
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vdiff.attention.blocksparse import block_mask_from_blocks, choose_impl
+from vdiff.attention.blocksparse import GatherPlan, block_mask_from_blocks, choose_impl, gather_attention, gather_plan
 from vdiff.attention.dense import flex_run, sdpa_attention
 from vdiff.attention.patterns import SparsePattern, register_pattern
 from vdiff.attention.registry import AttentionBackend, AttentionContext, register_backend
@@ -130,6 +134,11 @@ class TileLayout:
         full = count == (q1 - q0) * (k1 - k0)
         return count > 0, full
 
+    def gather_plan(self, device: torch.device | str) -> GatherPlan:
+        """The gather path's index tensors: query and key blocks are the tiles (contiguous in tile-major order)."""
+        sizes = self.tile_sizes
+        return gather_plan(torch.cumsum(sizes, 0) - sizes, sizes, self.allowed, device)
+
 
 def _layout(grid, opts: TileOptions) -> TileLayout:
     return TileLayout(grid, opts)
@@ -180,8 +189,9 @@ class SlidingTileBackend(AttentionBackend):
     sparse = True
     description = (
         "sliding tile attention (static, tile-major tokens): fast = FlexAttention block mask (GPU; on CPU forward "
-        "only, compiled Flex has no backward), reference = explicit mask + SDPA (any device). impl=auto trains on CPU "
-        "through the reference path (same pairs); impl=fast with a gradient on CPU raises."
+        "only, compiled Flex has no backward), gather = SDPA over gathered key tiles, reference = explicit mask + "
+        "SDPA (both any device, with backward). impl=auto: CPU gather (inference and training), CUDA fast; "
+        "impl=fast with a gradient on CPU raises."
     )
 
     def _key(self, grid, opts: TileOptions, what: str, device=None):
@@ -204,6 +214,10 @@ class SlidingTileBackend(AttentionBackend):
         if q.shape[1] != ctx.num_tokens:
             raise ValueError(f"sliding_tile: q has {q.shape[1]} tokens but grid {ctx.grid} has {ctx.num_tokens}")
         impl = choose_impl("sliding_tile", ctx.config.impl, q)
+        if impl == "gather":
+            plan = ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "gather", q.device),
+                                               lambda: self._layout(ctx, opts).gather_plan(q.device))
+            return gather_attention(q, k, v, plan)
         if impl == "fast":
             block_mask = ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "flex", q.device),
                                                      lambda: flex_block_mask(self._layout(ctx, opts), q.device))

@@ -25,7 +25,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from vdiff.attention import AttentionContext, check_config, dispatch, token_order
 from vdiff.attention.registry import DEFAULT_MASK_CACHE
 from vdiff.config import AttentionConfig, ModelConfig
-from vdiff.models.layers import FP32LayerNorm, RotaryPosEmbed3D, apply_rope, timestep_embedding
+from vdiff.models.layers import (
+    FP32LayerNorm,
+    RotaryPosEmbed3D,
+    absolute_position_table,
+    apply_rope,
+    timestep_embedding,
+)
 
 # Wan's I2V models append image tokens before a text context of this fixed length.
 WAN_TEXT_LEN = 512
@@ -264,6 +270,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         added_kv_proj_dim: int | None = None,
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
+        abs_pos_embed: bool = False,
     ) -> None:
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -272,6 +279,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         self.rope = RotaryPosEmbed3D(attention_head_dim, rope_max_seq_len)
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        # vdiff option (ModelConfig.abs_pos_embed; off = Wan): fixed absolute sin-cos table x learned per-channel gain
+        # (1 at init: a zero gain gets almost no gradient, the layers after it never learn to read positions)
+        self.pos_embed_gain = nn.Parameter(torch.ones(dim)) if abs_pos_embed else None
         self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim, image_dim, pos_embed_seq_len)
         self.blocks = nn.ModuleList(
             [VideoDiTBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, added_kv_proj_dim) for _ in range(num_layers)]
@@ -285,7 +295,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> VideoDiT:
-        return cls(**config.to_diffusers())
+        return cls(**config.to_vdiff())
 
     def set_attention(self, attention: AttentionConfig | str) -> None:
         """Choose the self-attention backend for later calls; raises now if it cannot run on this model's device."""
@@ -317,6 +327,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         cos, sin = self.rope(grid)  # (L, 1, Dh/2) each, frame-major
         x = self.patch_embedding(hidden_states)  # (B, D, T, H, W)
         x = x.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
+        if self.pos_embed_gain is not None:
+            table = absolute_position_table(grid, x.shape[-1], x.device)  # (L, D), frame-major
+            x = x + (table * self.pos_embed_gain.float()).to(x.dtype)
 
         if timestep.ndim == 0:
             timestep = timestep.expand(b)

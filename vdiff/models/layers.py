@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,6 +55,24 @@ class RotaryPosEmbed3D(nn.Module):
             )  # (T, H, W, D/2)
             out.append(full.reshape(t * h * w, 1, -1))  # (L, 1, D/2)
         return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _absolute_position_table(grid: tuple[int, int, int], dim: int, device: torch.device) -> torch.Tensor:
+    parts = rope_axis_dims(dim)  # (t, h, w) channel counts, each even
+    axes = []
+    for n, size, view in zip(parts, grid, ((-1, 1, 1), (1, -1, 1), (1, 1, -1))):
+        freqs = 1.0 / (10000.0 ** (torch.arange(0, n, 2, dtype=torch.float64) / n))  # (n/2,)
+        angles = torch.outer(torch.arange(size, dtype=torch.float64), freqs)  # (size, n/2)
+        table = torch.cat([angles.sin(), angles.cos()], dim=1).view(*view, n)  # broadcastable over (T, H, W)
+        axes.append(table.expand(*grid, n))
+    return torch.cat(axes, dim=-1).reshape(-1, dim).float().to(device)  # (L, D), frame-major
+
+
+def absolute_position_table(grid: tuple[int, int, int], dim: int, device: torch.device | str) -> torch.Tensor:
+    """Fixed sin-cos embedding of each token's absolute (t, h, w) index, [L, dim] frame-major (VideoDiT's optional
+    `abs_pos_embed`; the channel split per axis is RoPE's). Cached per (grid, dim, device); do not modify in place."""
+    return _absolute_position_table(tuple(int(g) for g in grid), int(dim), torch.device(device))
 
 
 def apply_rope(x_BLHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
