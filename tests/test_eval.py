@@ -88,20 +88,27 @@ def test_eval_cli_smoke_on_the_bundled_model(tmp_path):
 
 
 @needs_checkpoint
-def test_bundled_model_follows_its_prompts_at_default_settings():
-    """12 clips (1 held-out combination) at the checkpoint's defaults: the full 144-clip eval of the committed
-    checkpoint is in its eval.json; 12 clips are well inside its accuracy, with room for a clip or two to differ
-    between machines."""
+def test_bundled_model_reproduces_its_eval_report():
+    """The committed eval.json is what the committed checkpoint does: its first batch (48 clips, seed 0, the
+    checkpoint's default settings) is regenerated and read again clip by clip (a clip or two may differ between
+    machines: float rounding can move a borderline reading). Where the report meets the 90% target, 12 fresh clips
+    must meet it too."""
     from vdiff.pipeline import VideoPipeline
 
-    target = json.loads((CHECKPOINT / "eval.json").read_text())["results"]["all_correct"]
-    if target < 0.9:
-        pytest.skip(f"the committed checkpoint is below its 90% target ({target:.0%}); quality not asserted")
+    committed = json.loads((CHECKPOINT / "eval.json").read_text())
+    assert committed["settings"]["batch_size"] == 48 and committed["settings"]["seed"] == 0
     pipe = VideoPipeline.from_pretrained(CHECKPOINT)
-    report = run_eval(pipe, EvalConfig(num_clips=12, batch_size=12, seed=0), progress=False)
-    res = report["results"]
-    assert res["all_correct"] >= 9 / 12, res["per_clip"]
-    for attribute in ("colour", "shape", "direction"):
-        assert res[attribute] >= 10 / 12, (attribute, res[attribute])
-    assert res["temporal"] > 0.5
+    report = run_eval(pipe, EvalConfig(num_clips=48, batch_size=48, seed=0), progress=False)
+    rows, expected = report["results"]["per_clip"], committed["results"]["per_clip"][:48]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in expected]
+    keys = ("colour", "shape", "direction")
+    same = sum(all(r[k] == e[k] for k in keys) for r, e in zip(rows, expected))
+    assert same >= 45, f"only {same}/48 clips read as in the committed eval.json"
     assert np.isfinite(report["seconds_per_clip"])
+
+    if committed["results"]["all_correct"] >= 0.9:
+        res = run_eval(pipe, EvalConfig(num_clips=12, batch_size=12, seed=0), progress=False)["results"]
+        assert res["all_correct"] >= 9 / 12, res["per_clip"]
+        for attribute in keys:
+            assert res[attribute] >= 10 / 12, (attribute, res[attribute])
+        assert res["temporal"] > 0.5
