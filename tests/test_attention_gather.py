@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vdiff.attention import AttentionContext, AttentionStats, MaskCache, get_backend, sparse_pattern
-from vdiff.attention.blocksparse import choose_impl, gather_attention, gather_plan
+from vdiff.attention.blocksparse import choose_impl, gather_attention, gather_plan, shared_key_sets
 from vdiff.attention.dense import reference_attention
 from vdiff.attention.radial import radial_gather_plan
 from vdiff.config import AttentionConfig, RadialConfig, SlidingTileConfig
@@ -57,6 +57,7 @@ def test_radial_gather_equals_float64_reference(grid, decay, bs, sink):
     plan = radial_gather_plan(pattern.info["block_grid"], bs, length, "cpu")
     assert plan.num_pairs == int(mask.sum())  # exactly the pattern's pairs: nothing padded
     assert len(plan.buckets) > 1 and length % bs != 0  # several buckets, the partial last block among them
+    assert plan.split  # key sets shared by neighbouring query blocks: two partial softmaxes merged
     ctx = AttentionContext(grid=grid, config=_radial_cfg(decay, bs, sink), mask_cache=MaskCache())
     _check_against_float64(lambda q, k, v: get_backend("radial", "cpu").forward(q, k, v, ctx), mask, length)
 
@@ -76,15 +77,18 @@ def test_sliding_tile_gather_equals_float64_reference(grid, tile, window):
     _check_against_float64(run, pattern.mask(), length)
 
 
-def test_recompute_backward_equals_float64_reference(monkeypatch):
-    """The backward used off CPU (recompute each chunk through public SDPA + autograd) is exact too."""
+@pytest.mark.parametrize("share_tokens", [0, 256])
+def test_matmul_path_equals_float64_reference(monkeypatch, share_tokens):
+    """The forward and backward used off CPU (plain matmuls with the log-sum-exp, no CPU flash kernel) are exact too,
+    with and without split key sets."""
     from vdiff.attention import blocksparse
 
     monkeypatch.setattr(blocksparse, "_cpu_flash", lambda q: False)
     grid, decay, bs, sink = RADIAL[0]
     length = grid[0] * grid[1] * grid[2]
     pattern = sparse_pattern("radial", grid, decay_factor=decay, block_size=bs, sink=sink)
-    plan = radial_gather_plan(pattern.info["block_grid"], bs, length, "cpu")
+    plan = radial_gather_plan(pattern.info["block_grid"], bs, length, "cpu", share_tokens=share_tokens)
+    assert plan.split == (share_tokens > 0)
     _check_against_float64(lambda q, k, v: gather_attention(q, k, v, plan, chunk_bytes=1 << 16), pattern.mask(), length)
 
 
@@ -110,6 +114,27 @@ def test_plan_merges_query_blocks_with_the_same_key_set():
     assert plan.unit == 3 and plan.num_pairs == 3 * 3 + 6 * 6 + 3 * 6
     with pytest.raises(ValueError, match="attend no key block"):
         gather_plan(torch.tensor([0, 3]), torch.tensor([3, 3]), torch.tensor([[1, 0], [0, 0]], dtype=torch.bool), "cpu")
+
+
+def test_shared_key_sets_follow_the_gather_cost():
+    # 5 query blocks over 6 key blocks; rows 0-2 share keys {0, 1, 2}, row 3 shares only {2} with them, row 4 is alone
+    kept = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1],
+                         [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    sizes = torch.full((5,), 4)
+    shared = shared_key_sets(kept, sizes, max_tokens=64)
+    # rows 0-2 share {0, 1, 2} (a run of 3: 3 + 1 + 1 + 1 key blocks gathered instead of 12); row 3 would shrink that
+    # to {2} (3 * 1 < 2 * 3): a new run, which row 4 joins (2 + 2 + 0 instead of 4 + 2)
+    assert shared[:3].tolist() == [[1, 1, 1, 0, 0, 0]] * 3
+    assert shared[3:].tolist() == [[0, 0, 0, 0, 1, 1]] * 2
+    assert (shared <= kept).all()
+    # max_tokens caps a run at two query blocks of 4 tokens: runs (0, 1), (2, 3), (4)
+    capped = shared_key_sets(kept, sizes, max_tokens=8)
+    assert capped.tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 1, 0, 0, 1]] * 2 + [kept[4].tolist()]
+    query_sizes = torch.tensor([4, 4, 4, 4, 8])
+    plan = gather_plan(torch.arange(6) * 4, torch.full((6,), 4), kept, "cpu", query_starts=torch.cumsum(query_sizes, 0)
+                       - query_sizes, query_sizes=query_sizes, share_tokens=64)
+    assert plan.split and plan.num_pairs == int((query_sizes[:, None] * kept * 4).sum())
+    assert {b.part for b in plan.buckets} == {0, 1}
 
 
 def test_auto_runs_gather_on_cpu_for_inference_and_training():
