@@ -127,6 +127,9 @@ def test_shared_key_sets_follow_the_gather_cost():
     assert shared[:3].tolist() == [[1, 1, 1, 0, 0, 0]] * 3
     assert shared[3:].tolist() == [[0, 0, 0, 0, 1, 1]] * 2
     assert (shared <= kept).all()
+    # query blocks with disjoint key sets never share (an empty shared set would leave them without keys)
+    disjoint = torch.eye(3, dtype=torch.bool)
+    assert torch.equal(shared_key_sets(disjoint, torch.full((3,), 4), max_tokens=64), disjoint)
     # max_tokens caps a run at two query blocks of 4 tokens: runs (0, 1), (2, 3), (4)
     capped = shared_key_sets(kept, sizes, max_tokens=8)
     assert capped.tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 1, 0, 0, 1]] * 2 + [kept[4].tolist()]

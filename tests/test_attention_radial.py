@@ -37,7 +37,7 @@ def _literal_pair_mask(i, j, p, decay, bs, sink):
 
 def _literal_blocks(grid, decay, bs, sink):
     """Each frame pair's token mask placed on the global block grid (zero-padded), reduced (col set if > 1/3 of the
-    block's rows; block kept if > 60% of non-empty cols set), OR-ed."""
+    block's rows; block kept if > 60% of non-empty cols set), OR-ed; plus every diagonal block."""
     t, h, w = grid
     p, length = h * w, t * h * w
     n = -(-length // bs)
@@ -50,6 +50,8 @@ def _literal_blocks(grid, decay, bs, sink):
             high = (col_density > 1 / 3).sum(-1).float()
             nonempty = (col_density > 0).sum(-1).float()
             out |= high / (nonempty + 1e-9) > 0.6
+    for r in range(n):
+        out[r, r] = True
     return out
 
 
@@ -95,6 +97,26 @@ def test_rule_known_answers():
     assert torch.equal(pair_02, (a[:, None] - a[None, :]).abs() <= 128)
     # with the sink every query attends all of frame 0
     assert radial_token_mask((4, 16, 16), decay_factor=1.0, block_size=128, sink=True)[:, :p].all()
+
+
+def test_frames_smaller_than_a_block_keep_the_diagonal():
+    """16 tokens per frame (the bundled model's grid (16, 4, 4)), block 128: every non-sink pair but dist 0 is thinned
+    out, and a frame's own pair covers 16 of a block's 128 rows (< 1/3), so the reduction alone keeps no block of the
+    rows without the sink; the diagonal rule keeps each block's own, so every query attends something."""
+    grid = (16, 4, 4)
+    for sink in (False, True):
+        blocks = radial_block_grid(grid, decay_factor=1.0, block_size=128, sink=sink)
+        assert blocks.shape == (2, 2) and blocks.any(1).all()
+        assert torch.equal(blocks, _literal_blocks(grid, 1.0, 128, sink))
+    assert radial_block_grid(grid, decay_factor=1.0, block_size=128, sink=False).tolist() == [[True, False], [False, True]]
+    q, k, v = (torch.randn(1, 256, 2, 8) for _ in range(3))
+    ctx = AttentionContext(grid=grid, config=AttentionConfig(backend="radial", radial=RadialConfig(decay_factor=1.0)),
+                           mask_cache=MaskCache())
+    out = get_backend("radial", "cpu").forward(q, k, v, ctx)
+    assert torch.isfinite(out).all()
+    # each 128-token block attends exactly itself: dense attention within the block
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t[:, :128].transpose(1, 2) for t in (q, k, v)))
+    torch.testing.assert_close(out[:, :128], ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_density_wan_768p_reference_value():

@@ -189,7 +189,8 @@ def shared_key_sets(kept: torch.Tensor, query_sizes: torch.Tensor, max_tokens: i
             members = e - r
             # Joining saves gathering `both` for the newcomer but makes the members gather what `common` loses:
             # worth it while members * |both| >= (members - 1) * |common| (counted in key blocks).
-            if members * int(both.sum()) < (members - 1) * int(common.sum()):
+            shared_blocks = int(both.sum())
+            if shared_blocks == 0 or members * shared_blocks < (members - 1) * int(common.sum()):
                 break
             common, tokens, e = both, tokens + int(query_sizes[e]), e + 1
         shared[r:e] = common
@@ -226,6 +227,7 @@ def gather_plan(starts: torch.Tensor, sizes: torch.Tensor, kept: torch.Tensor, d
         raise ValueError(f"gather_plan: query block(s) {empty.nonzero().flatten().tolist()[:8]} attend no key block")
     unit = math.gcd(*torch.cat([starts, sizes, query_starts, query_sizes]).tolist())
     shared = shared_key_sets(kept, query_sizes, share_tokens) if share_tokens > 0 else kept
+    assert shared.any(1).all(), "gather_plan: every query block needs keys in part 0"  # its output buffer is empty()
     groups: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for part, part_rows in enumerate((shared, kept & ~shared)):
         has_keys = part_rows.any(1).nonzero().flatten()

@@ -16,7 +16,8 @@ index inside its frame is a = h * W + w. For a (query frame i, key frame j) pair
 The kernel computes whole `block_size` x `block_size` blocks of the global (frame-major) token grid. Each frame
 pair's token mask is reduced onto that grid: inside one block, a key column is *set* when more than 1/3 of the
 block's `block_size` rows (rows outside the frame count as unset) are set for it, and the block is kept when more than
-60% of its non-empty columns are set; the pairs' block grids are OR-ed. When L is not a multiple of block_size the
+60% of its non-empty columns are set; the pairs' block grids are OR-ed, and every diagonal block is kept (so no query
+is left without keys on grids whose frames are much smaller than a block). When L is not a multiple of block_size the
 last block row/column is partial; the kernel never reads past L.
 
 So there are two masks:
@@ -156,6 +157,10 @@ def radial_block_grid(grid: tuple[int, int, int], opts: RadialOptions | None = N
             keep = reduced[key]
             c_first = (j * p) // bs
             blocks[r_first:r_first + keep.shape[0], c_first:c_first + keep.shape[1]] |= keep
+    # Every query block keeps its own block: where a frame is much smaller than a block (e.g. 16 tokens per frame,
+    # block 128), the reduction can drop every pair of a block row (a frame's own pair covers < 1/3 of the block's
+    # rows), leaving queries with no keys at all. Wherever frames span a block or more, the diagonal is already kept.
+    blocks |= torch.eye(n, dtype=torch.bool)
     return blocks
 
 
