@@ -21,7 +21,8 @@ Implementations (`attention.impl`), over tile-major tokens (the order the model 
     gather     query tiles with the same window (the clamped ones at the grid's edges) form one group; each group's
                queries and the tokens of its key tiles are gathered and dense SDPA runs batched over groups with equal
                (query, key) counts: no mask, and partial tiles only make other counts (their own bucket). Any
-               device, forward+backward (the backward recomputes each chunk's SDPA; `blocksparse.gather_attention`).
+               device, forward+backward (the backward reruns each chunk's attention backward from the saved log-sum-exp;
+               `blocksparse.gather_attention`).
     reference  explicit BoolTensor [L, L] over tile-major tokens + SDPA; any device, forward+backward.
     auto       CPU: gather (inference and training). CUDA: fast, or reference where FlexAttention cannot run.
 `sparse_pattern("sliding_tile", grid, tile=..., window=...).mask()` is that set over *frame-major* tokens
