@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="step cache: a full step after this many skipped in a row (default: no limit)")
     p.add_argument("--prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1), metavar=f"1..{len(PROMPTS)}",
                    help="prompts sampled together in one batched call per configuration (default 4)")
+    p.add_argument("--indicators", default="first_block,modulated_input",
+                   help="step-cache indicators to measure, comma-separated: first_block (rows step@T) and/or "
+                        "modulated_input (TeaCache's, rows tea@T; see vdiff/cache/step.py)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives steadier timings on a machine shared with other jobs)")
     return p.parse_args(argv)
@@ -101,12 +104,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def configurations(thresholds: list[float], warmup: int = 1, max_skips: int | None = None) -> dict[str, list]:
+ROW_PREFIX = {"first_block": "step", "modulated_input": "tea"}
+
+
+def configurations(thresholds: list[float], warmup: int = 1, max_skips: int | None = None,
+                   indicators: tuple[str, ...] = ("first_block",)) -> dict[str, list]:
     exact = ["text_kv", "mask", "prompt"]
     configs: dict[str, list] = {"none": [], "text_kv": ["text_kv"], "mask": ["mask"], "prompt": ["prompt"],
                                 "text_kv+mask+prompt": exact}
-    for t in thresholds:
-        configs[f"step@{t:g}"] = [StepCacheConfig(threshold=t, warmup_steps=warmup, max_consecutive_skips=max_skips)]
+    for indicator in indicators:
+        for t in thresholds:
+            configs[f"{ROW_PREFIX[indicator]}@{t:g}"] = [StepCacheConfig(
+                threshold=t, warmup_steps=warmup, max_consecutive_skips=max_skips, indicator=indicator)]
     configs["all (exact + step@0.08)"] = [*exact, StepCacheConfig(threshold=0.08, warmup_steps=warmup,
                                                                   max_consecutive_skips=max_skips)]
     return configs
@@ -133,7 +142,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe.enable_cache(MaskCacheConfig(shared=False))
     attention = AttentionConfig(backend=args.attention) if args.attention != "dense" else AttentionConfig()
 
-    configs = configurations(thresholds, args.step_warmup, args.max_skips)
+    indicators = tuple(i for i in args.indicators.split(",") if i)
+    unknown = [i for i in indicators if i not in ROW_PREFIX]
+    if unknown:
+        raise SystemExit(f"--indicators: unknown {unknown}; known: {sorted(ROW_PREFIX)}")
+    configs = configurations(thresholds, args.step_warmup, args.max_skips, indicators)
     latents: dict[str, torch.Tensor] = {}
     outs: dict[str, object] = {}
     times: dict[str, list[float]] = {name: [] for name in configs}

@@ -103,8 +103,40 @@ def test_step_cache_skips_and_reports(pipe):
     assert out2.stats.cache["step"]["computed"] == 2 and out2.stats.cache["step"]["skipped"] == 2
 
 
-def test_step_cache_reuses_the_tail_residual_exactly():
-    """Same input twice: the skipped forward returns the full forward's output; a changed input recomputes."""
+def test_modulated_input_indicator_zero_threshold_is_exact(pipe):
+    ref, _ = run(pipe, [])
+    got, out = run(pipe, [StepCacheConfig(threshold=0.0, indicator="modulated_input")])
+    st = out.stats.cache["step"]
+    assert (got - ref).abs().max() <= 1e-6 and st["computed"] == 4 and st["pattern"] == "FFFF"
+    assert len(st["changes"]) == 3 and min(st["changes"]) > 0
+
+
+def test_modulated_input_indicator_skips_every_block_and_follows_its_rule(pipe):
+    ref, base = run(pipe, [])
+    got, out = run(pipe, [StepCacheConfig(threshold=1e9, warmup_steps=2, indicator="modulated_input")])
+    st = out.stats.cache["step"]
+    assert st["pattern"] == "FFSS"
+    assert out.stats.attention.calls == 2 * 3  # skipped steps run no block at all
+    assert torch.isfinite(got).all() and (got - ref).abs().max() > 1e-4  # approximate, and says so
+    # the summed-change rule, replayed on the recorded changes at a threshold between them
+    got, out = run(pipe, [StepCacheConfig(threshold=0.0, indicator="modulated_input")], num_inference_steps=8)
+    changes = out.stats.cache["step"]["changes"]  # 7: steps 1..7 vs the step before
+    threshold = sorted(changes)[3] * 1.5
+    _, out = run(pipe, [StepCacheConfig(threshold=threshold, indicator="modulated_input")], num_inference_steps=8)
+    st = out.stats.cache["step"]
+    expected, acc = "F", 0.0
+    for c in st["changes"]:  # changes vs the previous step: the same inputs until the first skip, then replayed
+        skip = acc + c <= threshold
+        acc = acc + c if skip else 0.0
+        expected += "S" if skip else "F"
+    assert st["pattern"] == expected and "S" in expected and "F" in expected[1:]
+
+
+@pytest.mark.parametrize("indicator", ["first_block", "modulated_input"])
+def test_step_cache_reuses_the_stored_residual_exactly(indicator):
+    """Same input twice: the skipped forward returns the full forward's output (first_block: block 0 runs and the
+    tail residual is added; modulated_input: no block runs and the whole stack's residual is added); a changed
+    input recomputes; outside a call scope the hooks pass through."""
     torch.manual_seed(0)
     model = VideoDiT.from_model_config(model_preset("tiny", num_layers=3, in_channels=12, out_channels=12,
                                                     text_dim=16)).eval()
@@ -114,16 +146,22 @@ def test_step_cache_reuses_the_tail_residual_exactly():
     ctx = torch.randn(1, 5, 16)
     with torch.no_grad():
         ref1, ref2 = model(x, t, ctx).sample, model(x2, t, ctx).sample
-        apply_step_cache(model, StepCacheConfig(threshold=0.01))
+        apply_step_cache(model, StepCacheConfig(threshold=0.01, indicator=indicator))
         with cache_context() as call:
             full = model(x, t, ctx, attention_kwargs={"step": 0}).sample
             reused = model(x, t, ctx, attention_kwargs={"step": 1}).sample
             changed = model(x2, t, ctx, attention_kwargs={"step": 2}).sample
         outside = model(x2, t, ctx).sample  # no call scope: pass-through
         remove_step_cache(model)
-    assert call.stats["step"]["computed"] == 2 and call.stats["step"]["skipped"] == 1
+    st = call.stats["step"]
+    assert st["computed"] == 2 and st["skipped"] == 1 and st["pattern"] == "FSF" and st["changes"][0] == 0.0
     assert (full - ref1).abs().max() <= 1e-6 and (reused - ref1).abs().max() <= 1e-5
     assert (changed - ref2).abs().max() <= 1e-6 and torch.equal(outside, ref2)
+
+
+def test_step_cache_rejects_an_unknown_indicator():
+    with pytest.raises(ValueError, match="indicator must be one of"):
+        StepCacheConfig(indicator="timestep")
 
 
 def test_prompt_cache_lru_across_calls(pipe):

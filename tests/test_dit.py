@@ -211,6 +211,53 @@ def test_absolute_position_embedding_round_trip(tmp_path):
     assert torch.equal(loaded.pos_embed_gain, model.pos_embed_gain)
 
 
+@pytest.mark.parametrize("kind", ["attn", "mean"])
+def test_text_pool_option(kind, tmp_path):
+    """`text_pool` (vdiff's option, None = Wan): the pooled caption vector is computed over the real tokens only
+    (known answer for "mean": the plain mean of the projected real tokens; for both: appending zero padding rows
+    changes nothing, a caption with no real token pools to zero), it reaches the output through adaLN (a proj of
+    zero is exactly the plain model), the option survives save/load, and Wan kwargs refuse it."""
+    from vdiff.config import ConfigError
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", num_layers=2)
+    plain = VideoDiT.from_model_config(cfg).eval()
+    pooled = VideoDiT.from_model_config(dataclasses_replace(cfg, text_pool=kind)).eval()
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("condition_embedder.text_pool.") for k in missing) and unexpected == []
+    pool = pooled.condition_embedder.text_pool
+
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(2, 5, 384, generator=g)
+    padded = torch.cat([text, torch.zeros(2, 4, 384)], dim=1)
+    x, ts = torch.randn(2, 48, 2, 8, 8, generator=g), torch.tensor([300.0, 900.0])
+    with torch.no_grad():
+        proj = pooled.condition_embedder.text_embedder(text)  # (2, 5, D)
+        valid = torch.ones(2, 5, dtype=torch.bool)
+        if kind == "mean":
+            torch.testing.assert_close(pool(proj, valid), pool.proj(proj.mean(1)), rtol=1e-5, atol=1e-6)
+        padded_proj = pooled.condition_embedder.text_embedder(padded)
+        padded_valid = padded.ne(0).any(-1)
+        assert padded_valid.sum().item() == 10
+        torch.testing.assert_close(pool(padded_proj, padded_valid), pool(proj, valid), rtol=1e-5, atol=1e-6)
+        none = torch.zeros(2, 9, dtype=torch.bool)
+        torch.testing.assert_close(pool(padded_proj, none), pool.proj.bias.expand(2, -1))  # pooled 0 -> proj bias
+        out_plain = plain(x, ts, padded, return_dict=False)[0]
+        out = pooled(x, ts, padded, return_dict=False)[0]
+        assert (out - out_plain).abs().max() > 1e-3
+        pool.proj.weight.zero_()
+        pool.proj.bias.zero_()
+        torch.testing.assert_close(pooled(x, ts, padded, return_dict=False)[0], out_plain, rtol=0, atol=1e-6)
+
+    pooled.save_pretrained(tmp_path / "m")
+    loaded = VideoDiT.from_pretrained(tmp_path / "m")
+    assert model_config_of(loaded).text_pool == kind
+    with pytest.raises(ConfigError, match="text_pool"):
+        dataclasses_replace(cfg, text_pool=kind).to_diffusers()
+    with pytest.raises(ConfigError, match="text_pool must be"):
+        dataclasses_replace(cfg, text_pool="max")
+
+
 def dataclasses_replace(cfg, **changes):
     import dataclasses
 

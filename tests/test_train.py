@@ -44,7 +44,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 def test_init_from_loads_weights_and_refuses_a_different_model(tmp_path):
     """`train.init_from`: a pipeline folder / transformer folder / .safetensors; only vdiff's own additions
-    (abs_pos_embed's gain, kept at its initial 1) may be missing; anything else that does not fit is an error."""
+    (abs_pos_embed's gain, kept at its initial 1; text_pool's weights) may be missing; anything else that does not fit is an error."""
     from train.trainer import load_initial_weights
     from vdiff.config import model_preset
     from vdiff.models.dit import VideoDiT
@@ -54,7 +54,7 @@ def test_init_from_loads_weights_and_refuses_a_different_model(tmp_path):
     source.save_pretrained(tmp_path / "pipe" / "transformer")
     for where in (tmp_path / "pipe", tmp_path / "pipe" / "transformer",
                   tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors"):
-        target = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, abs_pos_embed=True))
+        target = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, abs_pos_embed=True, text_pool="attn"))
         load_initial_weights(target, where)
         for name, value in source.state_dict().items():
             assert torch.equal(target.state_dict()[name], value), name

@@ -45,6 +45,7 @@ class ModelSection:
     rope_max_seq_len: int | None = None
     pos_embed_seq_len: int | None = None
     abs_pos_embed: bool | None = None
+    text_pool: str | None = None
 
     def __post_init__(self) -> None:
         self.to_model_config()  # a bad preset or field fails at load time, naming the key

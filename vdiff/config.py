@@ -53,8 +53,17 @@ class ModelConfig:
     # model sees absolute placement only through slow-to-learn border effects; small models trained from scratch on
     # layout-from-text tasks (the bundled ShapesWorld model: "moving left" from pure noise) learn it with this.
     abs_pos_embed: bool = False
+    # vdiff's own option, not Wan's (None = exactly Wan): also condition adaLN on the caption, as DiT does with its
+    # class label and SD3/Flux with a pooled text vector. "attn": one learned query per head attends over the projected
+    # text tokens (padding, the all-zero rows, excluded); "mean": their mean. The pooled vector is added to the
+    # timestep embedding, so every block's shift/scale/gate depends on the caption: a caption-dependent scale of
+    # features that already depend on position gives a position x caption product at first order (what "moving
+    # left" needs at high noise), where cross-attention alone adds a caption vector the same at every position.
+    text_pool: str | None = None
 
     def __post_init__(self) -> None:
+        if self.text_pool not in (None, "attn", "mean"):
+            raise ConfigError(f"model.text_pool must be null, 'attn' or 'mean', got {self.text_pool!r}")
         if self.attention_head_dim % 2:
             raise ConfigError(f"model.attention_head_dim must be even (RoPE pairs channels), got {self.attention_head_dim}")
         for name in ("num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim", "num_layers", "freq_dim"):
@@ -72,10 +81,12 @@ class ModelConfig:
         kwargs = dataclasses.asdict(self)
         if kwargs.pop("abs_pos_embed"):
             raise ConfigError("model.abs_pos_embed=true has no Wan/diffusers equivalent (WanTransformer3DModel)")
+        if kwargs.pop("text_pool") is not None:
+            raise ConfigError("model.text_pool has no Wan/diffusers equivalent (WanTransformer3DModel)")
         return kwargs
 
     def to_vdiff(self) -> dict[str, Any]:
-        """The kwargs of `VideoDiT(**kwargs)`: Wan's fields plus vdiff's own (`abs_pos_embed`)."""
+        """The kwargs of `VideoDiT(**kwargs)`: Wan's fields plus vdiff's own (`abs_pos_embed`, `text_pool`)."""
         return dataclasses.asdict(self)
 
 

@@ -1,7 +1,7 @@
 """Step cache (first-block cache, TeaCache-style residual reuse): skip most of the network on steps where its input
-barely changed.
+barely changed. Two indicators (`StepCacheConfig.indicator`):
 
-Every step runs the first block. Its residual r = block0(x) - x is compared with the residual of the last step
+"first_block" (default, diffusers' FirstBlockCache): every step runs the first block. Its residual r = block0(x) - x is compared with the residual of the last step
 that ran the whole network:
 
     change = mean|r - r_last| / mean|r_last|
@@ -12,7 +12,15 @@ refreshed. Approximate: higher thresholds skip more steps and drift further from
 setting is reported with its speed-up and its error (bench/cache.py). TeaCache reports ~2x on Wan2.1 at 0.08 on
 its own (timestep-embedding) indicator; the first-block residual indicator here is diffusers' FirstBlockCache.
 
+"modulated_input" (TeaCache's indicator, without its fitted rescaling polynomial): nothing runs before the decision.
+The first block's timestep-modulated input m = norm1(x) * (1 + scale) + shift is compared with m at the previous
+step, and the relative changes mean|m - m_prev| / mean|m_prev| are summed over the steps since the last full step;
+while the sum stays <= threshold, EVERY block is skipped and the stored residual of the whole stack (out_last -
+x_last) is added to x. A skipped step then costs only the embeddings and the output head, so fewer skips buy the
+same speed-up on a shallow model (on the 4-block bundled model a first-block skip still pays a quarter of a step).
+
     apply_step_cache(model, StepCacheConfig(threshold=0.08))
+    apply_step_cache(model, StepCacheConfig(threshold=0.1, indicator="modulated_input"))
 """
 
 from __future__ import annotations
@@ -28,19 +36,25 @@ from vdiff.cache import hooks
 from vdiff.cache.context import CacheCall, current_call
 
 HOOK_NAME = "vdiff.step"
+INDICATORS = ("first_block", "modulated_input")
 
 
 @dataclass
 class StepCacheConfig:
-    """Skip blocks 1..N-1 when the first block's residual changed by at most `threshold` (relative L1)."""
+    """Skip blocks 1..N-1 when the first block's residual changed by at most `threshold` (relative L1); with
+    indicator="modulated_input", skip every block while the summed change of block 0's modulated input stays
+    <= `threshold`."""
 
     name: ClassVar[str] = "step"
     target: ClassVar[str] = "transformer"
     threshold: float = 0.08
     warmup_steps: int = 1  # the first steps always run the whole network
     max_consecutive_skips: int | None = None  # force a full step after this many skips in a row (None: no limit)
+    indicator: str = "first_block"  # or "modulated_input" (TeaCache: decide before any block, skip them all)
 
     def __post_init__(self) -> None:
+        if self.indicator not in INDICATORS:
+            raise ValueError(f"StepCacheConfig.indicator must be one of {INDICATORS}, got {self.indicator!r}")
         if self.threshold < 0:
             raise ValueError(f"StepCacheConfig.threshold must be >= 0, got {self.threshold}")
         if self.warmup_steps < 1:
@@ -56,6 +70,11 @@ class _StepState:
         self.head_out: torch.Tensor | None = None  # block0(x) at the current full step
         self.tail_residual: torch.Tensor | None = None  # out - block0(x) at the last full step
         self.consecutive = 0
+        # modulated_input indicator
+        self.modulated: torch.Tensor | None = None  # block 0's modulated input at the previous step
+        self.accumulated = 0.0  # summed relative change since the last full step
+        self.stack_input: torch.Tensor | None = None  # x entering block 0 at the current full step
+        self.stack_residual: torch.Tensor | None = None  # out - x over all blocks at the last full step
 
 
 class _Shared:
@@ -74,14 +93,23 @@ class _Shared:
         return call, st, call.config("step", self.config)
 
 
+def _record(call: CacheCall, skip: bool) -> None:
+    """Counts and the per-forward decisions ("pattern": F = full, S = skipped, in call order)."""
+    call.count("step", "skipped" if skip else "computed")
+    stats = call.stats.setdefault("step", {})
+    stats["pattern"] = stats.get("pattern", "") + ("S" if skip else "F")
+
+
 class _HeadBlockHook(ModelHook):
     def __init__(self, shared: _Shared):
         super().__init__()
         self.shared = shared
 
     def new_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs):
-        out = self.fn_ref.original_forward(x, *args, **kwargs)  # (B, L, D)
         got = self.shared.state()
+        if got is not None and got[2].indicator == "modulated_input":
+            return self._modulated_input(module, x, got, *args, **kwargs)
+        out = self.fn_ref.original_forward(x, *args, **kwargs)  # (B, L, D)
         if got is None:
             return out
         call, st, cfg = got
@@ -96,14 +124,38 @@ class _HeadBlockHook(ModelHook):
             call.stats.setdefault("step", {}).setdefault("changes", []).append(round(change, 6))
             skip = change <= cfg.threshold
         st.skip = skip
+        _record(call, skip)
         if skip:
             st.consecutive += 1
-            call.count("step", "skipped")
             return out + st.tail_residual
         st.consecutive = 0
         st.head_residual, st.head_out = residual, out
-        call.count("step", "computed")
         return out
+
+    def _modulated_input(self, module: nn.Module, x: torch.Tensor, got, *args, **kwargs):
+        call, st, cfg = got
+        ctx = args[3] if len(args) > 3 else kwargs.get("ctx")
+        temb = args[1] if len(args) > 1 else kwargs["temb"]
+        step = getattr(ctx, "step", None)
+        m = module.modulated_input(x, temb)  # (B, L, D) fp32
+        skip = False
+        if st.modulated is not None and st.modulated.shape == m.shape:
+            change = ((m - st.modulated).abs().mean() / st.modulated.abs().mean().clamp_min(1e-12)).item()
+            call.stats.setdefault("step", {}).setdefault("changes", []).append(round(change, 6))
+            if st.stack_residual is not None and step is not None and step >= cfg.warmup_steps \
+                    and (cfg.max_consecutive_skips is None or st.consecutive < cfg.max_consecutive_skips) \
+                    and st.stack_residual.shape == x.shape:
+                skip = st.accumulated + change <= cfg.threshold
+            st.accumulated = st.accumulated + change if skip else 0.0
+        st.modulated = m
+        st.skip = skip
+        _record(call, skip)
+        if skip:
+            st.consecutive += 1
+            return x + st.stack_residual  # the tail hooks pass it through
+        st.consecutive = 0
+        st.stack_input = x
+        return self.fn_ref.original_forward(x, *args, **kwargs)
 
 
 class _TailBlockHook(ModelHook):
@@ -117,13 +169,16 @@ class _TailBlockHook(ModelHook):
             return x  # already holds block0 output + cached tail residual
         out = self.fn_ref.original_forward(x, *args, **kwargs)
         if got is not None and self.last:
-            st = got[1]
-            st.tail_residual = out - st.head_out
+            st, cfg = got[1], got[2]
+            if cfg.indicator == "modulated_input":
+                st.stack_residual = out - st.stack_input
+            else:
+                st.tail_residual = out - st.head_out
         return out
 
 
 def apply_step_cache(model: nn.Module, config: StepCacheConfig | None = None) -> None:
-    """Install the first-block step cache on a VideoDiT (needs at least 2 blocks)."""
+    """Install the step cache on a VideoDiT (needs at least 2 blocks)."""
     config = config or StepCacheConfig()
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) < 2:

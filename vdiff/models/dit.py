@@ -103,8 +103,40 @@ class ImageEmbedding(nn.Module):
         return self.norm2(self.ff(self.norm1(x)))
 
 
+class TextPool(nn.Module):
+    """vdiff's `text_pool` option: projected text tokens (B, S, D) -> one caption vector (B, D) for adaLN.
+
+    Padding rows are the all-zero rows of the text encoder's output (vdiff's and Wan's encoders zero them); a caption
+    with no real token (an all-zero negative prompt) pools to zero. "attn": a learned query per head, softmax over the
+    real tokens, values are the tokens themselves; "mean": their mean. Then a linear map into the timestep embedding.
+    """
+
+    def __init__(self, dim: int, heads: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.heads = heads
+        if kind == "attn":
+            self.query = nn.Parameter(torch.randn(heads, dim // heads) / (dim // heads) ** 0.5)
+            self.to_k = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # text (B, S, D) projected tokens, valid (B, S) bool
+        if self.kind == "mean":
+            w = valid.to(text.dtype) / valid.sum(1, keepdim=True).clamp(min=1).to(text.dtype)  # (B, S)
+            return self.proj((w.unsqueeze(-1) * text).sum(1))  # (B, D)
+        k = self.to_k(text).unflatten(-1, (self.heads, -1))  # (B, S, N, Dh)
+        logits = torch.einsum("bsnd,nd->bns", k, self.query.to(k.dtype)) / k.shape[-1] ** 0.5  # (B, N, S)
+        logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no real token -> all zero
+        v = text.unflatten(-1, (self.heads, -1))  # (B, S, N, Dh)
+        pooled = torch.einsum("bns,bsnd->bnd", w, v).flatten(1)  # (B, D)
+        return self.proj(pooled)
+
+
 class ConditionEmbedder(nn.Module):
-    def __init__(self, dim: int, freq_dim: int, text_dim: int, image_dim: int | None, pos_embed_seq_len: int | None):
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, image_dim: int | None, pos_embed_seq_len: int | None,
+                 text_pool: str | None = None, heads: int = 1):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_embedder = TimestepEmbedding(freq_dim, dim)
@@ -112,13 +144,18 @@ class ConditionEmbedder(nn.Module):
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = TextProjection(text_dim, dim)
         self.image_embedder = ImageEmbedding(image_dim, dim, pos_embed_seq_len) if image_dim is not None else None
+        self.text_pool = TextPool(dim, heads, text_pool) if text_pool is not None else None
 
     def forward(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None):
         t_freq = timestep_embedding(timestep.flatten(), self.freq_dim).view(*timestep.shape, -1)  # (B[, L], Ft)
         t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)
         temb = self.time_embedder(t_freq).type_as(text)  # (B[, L], D)
-        temb_proj = self.time_proj(self.act_fn(temb))  # (B[, L], 6D)
+        valid = text.ne(0).any(-1)  # (B, S): the encoders zero the padding
         text = self.text_embedder(text)  # (B, S, D)
+        if self.text_pool is not None:
+            pooled = self.text_pool(text, valid).type_as(temb)  # (B, D)
+            temb = temb + (pooled.unsqueeze(1) if temb.ndim == 3 else pooled)
+        temb_proj = self.time_proj(self.act_fn(temb))  # (B[, L], 6D)
         if image is not None:
             image = self.image_embedder(image)
         return temb, temb_proj, text, image
@@ -207,6 +244,17 @@ class VideoDiTBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """adaLN: shift, scale, gate (self-attention), shift, scale, gate (FFN), each (B, 1 or L, D) fp32."""
+        if temb.ndim == 4:
+            return (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)  # 6 x (B, L, D)
+        return (self.scale_shift_table + temb.float()).chunk(6, dim=1)  # 6 x (B, 1, D)
+
+    def modulated_input(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """What self-attention sees: norm1(x) * (1 + scale) + shift (TeaCache's change indicator), fp32."""
+        shift_sa, scale_sa = self.modulation(temb)[:2]
+        return self.norm1(x.float()) * (1 + scale_sa) + shift_sa
+
     def forward(
         self,
         x: torch.Tensor,  # (B, L, D)
@@ -215,11 +263,7 @@ class VideoDiTBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         ctx: AttentionContext,
     ) -> torch.Tensor:
-        if temb.ndim == 4:
-            mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)  # 6 x (B, L, D)
-        else:
-            mod = (self.scale_shift_table + temb.float()).chunk(6, dim=1)  # 6 x (B, 1, D)
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(temb)
 
         h = (self.norm1(x.float()) * (1 + scale_sa) + shift_sa).type_as(x)
         x = (x.float() + self.attn1(h, rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
@@ -271,6 +315,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
         abs_pos_embed: bool = False,
+        text_pool: str | None = None,
     ) -> None:
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -282,7 +327,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
         # vdiff option (ModelConfig.abs_pos_embed; off = Wan): fixed absolute sin-cos table x learned per-channel gain
         # (1 at init: a zero gain gets almost no gradient, the layers after it never learn to read positions)
         self.pos_embed_gain = nn.Parameter(torch.ones(dim)) if abs_pos_embed else None
-        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim, image_dim, pos_embed_seq_len)
+        # vdiff option (ModelConfig.text_pool; None = Wan): the caption also conditions adaLN
+        self.condition_embedder = ConditionEmbedder(
+            dim, freq_dim, text_dim, image_dim, pos_embed_seq_len, text_pool, num_attention_heads
+        )
         self.blocks = nn.ModuleList(
             [VideoDiTBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, added_kv_proj_dim) for _ in range(num_layers)]
         )
