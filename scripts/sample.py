@@ -8,7 +8,7 @@ key=value settings (YAML values): num_frames, height, width, num_inference_steps
 negative_prompt, sampler (unipc | euler), shift, fps, attention (a backend name, or attention.FIELD=... for
 AttentionConfig fields, e.g. attention.backend=radial attention.radial.decay_factor=0.9), cache (a list of
 text_kv | mask | step | prompt; [] for none), step.FIELD=... (StepCacheConfig: threshold, warmup_steps,
-max_consecutive_skips). Anything not given takes the checkpoint's defaults (its vdiff.json).
+max_consecutive_skips, indicator = first_block | modulated_input). Anything not given takes the checkpoint's defaults (its vdiff.json).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     name      config               applies to     exact?
     text_kv   TextKVCacheConfig    transformer    yes: text projection + cross-attn K/V once per call
     mask      MaskCacheConfig      transformer    yes: sparse masks / block indices once per (grid, options)
-    step      StepCacheConfig      transformer    no:  first-block residual reuse, `threshold`
+    step      StepCacheConfig      transformer    no:  residual reuse, `threshold`; first-block or TeaCache indicator
     prompt    PromptCacheConfig    text encoder   yes (to float rounding): LRU of prompt embeddings across calls
 
     from vdiff.cache import apply_text_kv_cache, TextKVCacheConfig, cache_context
