@@ -54,13 +54,17 @@ DEBUG_DIR_ENV = "VDIFF_TRAIN_DEBUG_DIR"
 
 # vdiff's own additions to Wan's VideoDiT (no Wan checkpoint has them): allowed to be missing from initial weights,
 # they keep their fresh initialisation
-OPTIONAL_KEYS = {"pos_embed_gain"}
-OPTIONAL_PREFIXES = ("condition_embedder.text_pool.",)
+# (a key, or a module prefix ending in ".")
+OPTIONAL_KEYS = ("pos_embed_gain", "condition_embedder.text_pool.")
+
+
+def _optional(key: str) -> bool:
+    return any(key == o or (o.endswith(".") and key.startswith(o)) for o in OPTIONAL_KEYS)
 
 
 def load_initial_weights(model: VideoDiT, source: str | Path) -> None:
     """`train.init_from`: copy weights into a freshly built model. Every key must match in name and shape, except
-    vdiff's own additions (OPTIONAL_KEYS / OPTIONAL_PREFIXES: e.g. a Wan checkpoint fine-tuned with abs_pos_embed=true or text_pool), which keep their
+    vdiff's own additions (OPTIONAL_KEYS: e.g. a Wan checkpoint fine-tuned with abs_pos_embed=true or text_pool), which keep their
     fresh initialisation."""
     from safetensors.torch import load_file
 
@@ -76,7 +80,7 @@ def load_initial_weights(model: VideoDiT, source: str | Path) -> None:
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) - OPTIONAL_KEYS if not k.startswith(OPTIONAL_PREFIXES))
+    missing = sorted(k for k in set(own) - set(state) if not _optional(k))
     if wrong or unexpected or missing:
         raise ValueError(f"train.init_from={source}: weights do not fit this model config: shape mismatches {wrong[:5]}, "
                          f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")

@@ -93,8 +93,30 @@ class _Shared:
         return call, st, call.config("step", self.config)
 
 
-def _record(call: CacheCall, skip: bool) -> None:
-    """Counts and the per-forward decisions ("pattern": F = full, S = skipped, in call order)."""
+def _step_of(args: tuple, kwargs: dict) -> int | None:
+    """The denoising step index from a block call's AttentionContext (its 5th argument)."""
+    ctx = args[3] if len(args) > 3 else kwargs.get("ctx")
+    return getattr(ctx, "step", None)
+
+
+def _may_skip(st: _StepState, cfg: StepCacheConfig, step: int | None) -> bool:
+    """Past the warm-up, and the current run of skips below its limit."""
+    return step is not None and step >= cfg.warmup_steps and \
+        (cfg.max_consecutive_skips is None or st.consecutive < cfg.max_consecutive_skips)
+
+
+def _relative_change(call: CacheCall, new: torch.Tensor, old: torch.Tensor) -> float:
+    """mean|new - old| / mean|old|, recorded in the call's stats ("changes")."""
+    change = ((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12)).item()
+    call.stats.setdefault("step", {}).setdefault("changes", []).append(round(change, 6))
+    return change
+
+
+def _decide(call: CacheCall, st: _StepState, skip: bool) -> None:
+    """Apply a decision: the tail hooks' flag, the run length, counts and the per-forward pattern (F = full,
+    S = skipped, in call order)."""
+    st.skip = skip
+    st.consecutive = st.consecutive + 1 if skip else 0
     call.count("step", "skipped" if skip else "computed")
     stats = call.stats.setdefault("step", {})
     stats["pattern"] = stats.get("pattern", "") + ("S" if skip else "F")
@@ -113,47 +135,32 @@ class _HeadBlockHook(ModelHook):
         if got is None:
             return out
         call, st, cfg = got
-        ctx = args[3] if len(args) > 3 else kwargs.get("ctx")
-        step = getattr(ctx, "step", None)
         residual = out - x
         skip = False
-        if st.head_residual is not None and st.tail_residual is not None and step is not None and step >= cfg.warmup_steps \
-                and (cfg.max_consecutive_skips is None or st.consecutive < cfg.max_consecutive_skips) \
+        if st.head_residual is not None and st.tail_residual is not None and _may_skip(st, cfg, _step_of(args, kwargs)) \
                 and st.head_residual.shape == residual.shape:
-            change = ((residual - st.head_residual).abs().mean() / st.head_residual.abs().mean().clamp_min(1e-12)).item()
-            call.stats.setdefault("step", {}).setdefault("changes", []).append(round(change, 6))
-            skip = change <= cfg.threshold
-        st.skip = skip
-        _record(call, skip)
+            skip = _relative_change(call, residual, st.head_residual) <= cfg.threshold
+        _decide(call, st, skip)
         if skip:
-            st.consecutive += 1
             return out + st.tail_residual
-        st.consecutive = 0
         st.head_residual, st.head_out = residual, out
         return out
 
     def _modulated_input(self, module: nn.Module, x: torch.Tensor, got, *args, **kwargs):
         call, st, cfg = got
-        ctx = args[3] if len(args) > 3 else kwargs.get("ctx")
         temb = args[1] if len(args) > 1 else kwargs["temb"]
-        step = getattr(ctx, "step", None)
         m = module.modulated_input(x, temb)  # (B, L, D) fp32
         skip = False
         if st.modulated is not None and st.modulated.shape == m.shape:
-            change = ((m - st.modulated).abs().mean() / st.modulated.abs().mean().clamp_min(1e-12)).item()
-            call.stats.setdefault("step", {}).setdefault("changes", []).append(round(change, 6))
-            if st.stack_residual is not None and step is not None and step >= cfg.warmup_steps \
-                    and (cfg.max_consecutive_skips is None or st.consecutive < cfg.max_consecutive_skips) \
+            change = _relative_change(call, m, st.modulated)
+            if st.stack_residual is not None and _may_skip(st, cfg, _step_of(args, kwargs)) \
                     and st.stack_residual.shape == x.shape:
                 skip = st.accumulated + change <= cfg.threshold
             st.accumulated = st.accumulated + change if skip else 0.0
         st.modulated = m
-        st.skip = skip
-        _record(call, skip)
+        _decide(call, st, skip)
         if skip:
-            st.consecutive += 1
             return x + st.stack_residual  # the tail hooks pass it through
-        st.consecutive = 0
         st.stack_input = x
         return self.fn_ref.original_forward(x, *args, **kwargs)
 

@@ -150,15 +150,15 @@ class ConditionEmbedder(nn.Module):
         t_freq = timestep_embedding(timestep.flatten(), self.freq_dim).view(*timestep.shape, -1)  # (B[, L], Ft)
         t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)
         temb = self.time_embedder(t_freq).type_as(text)  # (B[, L], D)
-        valid = text.ne(0).any(-1)  # (B, S): the encoders zero the padding
-        text = self.text_embedder(text)  # (B, S, D)
+        projected = self.text_embedder(text)  # (B, S, D)
         if self.text_pool is not None:
-            pooled = self.text_pool(text, valid).type_as(temb)  # (B, D)
+            valid = text.ne(0).any(-1)  # (B, S): the encoders zero the padding
+            pooled = self.text_pool(projected, valid).type_as(temb)  # (B, D)
             temb = temb + (pooled.unsqueeze(1) if temb.ndim == 3 else pooled)
         temb_proj = self.time_proj(self.act_fn(temb))  # (B[, L], 6D)
         if image is not None:
             image = self.image_embedder(image)
-        return temb, temb_proj, text, image
+        return temb, temb_proj, projected, image
 
 
 # --------------------------------------------------------------------------------------------------------------------
