@@ -92,6 +92,39 @@ def test_render_deterministic_by_seed():
     assert len({(round(x, 2), round(y, 2)) for x, y in starts}) == 8  # different seeds, different positions
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_position_jitter_narrows_the_start_range_around_its_centre(direction):
+    h = w = 32
+    side, travel = 0.25 * 32, 0.5 * 32
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    # The allowed first-frame centres (object inside the frame on every frame), and their middle.
+    x_lo, x_hi = side / 2 + (travel if dx < 0 else 0), w - side / 2 - (travel if dx > 0 else 0)
+    y_lo, y_hi = side / 2 + (travel if dy < 0 else 0), h - side / 2 - (travel if dy > 0 else 0)
+    mid = np.array([(x_lo + x_hi) / 2, (y_lo + y_hi) / 2])
+    half = np.array([(x_hi - x_lo) / 2, (y_hi - y_lo) / 2])
+    # 0: one path per caption, starting at the middle of the range, whatever the seed.
+    zero = [render_clip("white", "square", direction, seed=s, position_jitter=0.0) for s in range(4)]
+    assert all(np.array_equal(zero[0], c) for c in zero[1:])
+    np.testing.assert_allclose(_soft_centroid(zero[0][0]), mid, atol=0.05)
+    # 0.25: starts scatter, but only within the middle quarter of the range (full range: they use all of it).
+    for jitter, lo_frac in ((0.25, None), (1.0, 0.6)):
+        starts = np.array([_soft_centroid(render_clip("white", "square", direction, seed=s, position_jitter=jitter)[0])
+                           for s in range(40)])
+        spread = np.abs(starts - mid).max(axis=0)
+        assert (spread <= jitter * half + 0.05).all(), (jitter, spread, half)
+        assert len({tuple(np.round(p, 3)) for p in starts}) >= 20  # starts still vary (on a 1/4-pixel raster)
+        if lo_frac is not None:
+            assert (spread >= lo_frac * half).all()
+    # The default is the full range, byte for byte.
+    assert np.array_equal(render_clip("red", "circle", direction, seed=3),
+                          render_clip("red", "circle", direction, seed=3, position_jitter=1.0))
+    # The dataset passes it through.
+    ds = ShapesWorld(4, num_frames=8, height=16, width=16, seed=1, position_jitter=0.0)
+    (c, sh, d), _ = ds.spec(0)
+    assert np.array_equal(ds.clip(0), render_clip(c, sh, d, num_frames=8, height=16, width=16, seed=99,
+                                                  position_jitter=0.0))
+
+
 def test_render_rejects_bad_arguments_with_the_field_name():
     with pytest.raises(ValueError, match="colour"):
         render_clip("purple", "circle", "left")
@@ -103,6 +136,8 @@ def test_render_rejects_bad_arguments_with_the_field_name():
         render_clip("red", "circle", "left", background="stars")
     with pytest.raises(ValueError, match="num_frames"):
         render_clip("red", "circle", "left", num_frames=1)
+    with pytest.raises(ValueError, match=r"position_jitter must be a number in \[0.0, 1.0\]"):
+        render_clip("red", "circle", "left", position_jitter=1.5)
 
 
 def test_harder_variants_keep_the_object_brightest():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from train.config import load_recipe
-from train.trainer import KILL_IN_CHECKPOINT_ENV, ShardedBatchSampler, lr_lambda
+from train.trainer import KILL_IN_CHECKPOINT_ENV, ShardedBatchSampler, latent_cache_fingerprint, lr_lambda
 from vdiff.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,19 @@ def test_recipe_keys_others_rely_on_and_errors():
         load_recipe(TINY, ["train.deepspeed=zero9"])
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_recipe(TINY, ["train.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"data.position_jitter must be in \[0, 1\], got 1.5"):
+        load_recipe(TINY, ["data.position_jitter=1.5"])
+    assert load_recipe(TINY, ["data.position_jitter=0.15"]).data.position_jitter == 0.15
+
+
+def test_latent_cache_fingerprint_separates_data_and_keeps_older_caches():
+    base = latent_cache_fingerprint(load_recipe(TINY), 48)
+    # Caches written before data.position_jitter existed have no such key: at its default it is left out.
+    assert "position_jitter" not in base["data"] and base["data"]["dataset"] == "shapes"
+    narrow = latent_cache_fingerprint(load_recipe(TINY, ["data.position_jitter=0.15"]), 48)
+    assert narrow["data"].pop("position_jitter") == 0.15 and narrow == base
+    assert latent_cache_fingerprint(load_recipe(TINY, ["data.seed=3"]), 48) != base
+    assert latent_cache_fingerprint(load_recipe(TINY, ["data.latent_cache=/elsewhere"]), 48) == base
     gpu = load_recipe(ROOT / "configs" / "train" / "wan2.1-1.3b.yaml")
     assert gpu.model.to_model_config().num_layers == 30 and gpu.train.deepspeed != "none"
 

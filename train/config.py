@@ -71,6 +71,7 @@ class DataConfig:
     num_frames: int = 8
     height: int = 16
     width: int = 16
+    position_jitter: float = 1.0  # shapes: fraction of the allowed start range used (0 = one centred path per caption)
     root: str | None = None  # video_folder
     frame_stride: int = 1  # video_folder: take every k-th frame
     latent_cache: str | None = None
@@ -80,6 +81,8 @@ class DataConfig:
         for name in ("num_samples", "num_frames", "height", "width", "frame_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.position_jitter <= 1.0:
+            raise ConfigError(f"data.position_jitter must be in [0, 1], got {self.position_jitter}")
         if self.dataset == "video_folder" and not self.root:
             raise ConfigError("data.root is required when data.dataset=video_folder")
 

@@ -162,6 +162,17 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 # --------------------------------------------------------------------------------------------------------------------
 
 
+
+def latent_cache_fingerprint(recipe: TrainRecipe, in_channels: int) -> dict:
+    """What a latent cache was built from (dataset, VAE, text encoder): a cache with another fingerprint is refused.
+
+    `data.position_jitter` came after the first caches; at its default (1) it is left out, so they stay valid."""
+    data_key = to_dict(recipe.data) | {"latent_cache": None, "num_workers": None}
+    if recipe.data.position_jitter == 1.0:
+        del data_key["position_jitter"]
+    return {"data": data_key, "vae": recipe.vae, "in_channels": in_channels,
+            "text_encoder": recipe.text_encoder, "text_max_length": recipe.text_max_length}
+
 class Trainer:
     def __init__(self, recipe: TrainRecipe):
         self.recipe = recipe
@@ -288,7 +299,7 @@ class Trainer:
             from vdiff.data.shapes import ShapesWorld
 
             dataset = ShapesWorld(d.num_samples, num_frames=d.num_frames, height=d.height, width=d.width, seed=d.seed,
-                                  split=d.split)
+                                  split=d.split, position_jitter=d.position_jitter)
         else:
             from vdiff.data.video_folder import VideoFolder
 
@@ -298,9 +309,7 @@ class Trainer:
             return dataset
         from vdiff.data.latents import LatentDataset, build_latent_cache
 
-        fingerprint = {"data": to_dict(d) | {"latent_cache": None, "num_workers": None},
-                       "vae": self.recipe.vae, "in_channels": self.model_config.in_channels,
-                       "text_encoder": self.recipe.text_encoder, "text_max_length": self.recipe.text_max_length}
+        fingerprint = latent_cache_fingerprint(self.recipe, self.model_config.in_channels)
         acc = self.accelerator
         build_latent_cache(
             dataset, d.latent_cache,

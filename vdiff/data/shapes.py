@@ -11,7 +11,8 @@ The rules of the world (the evaluator in `vdiff.eval.shapes_eval` reads them bac
 - It moves in a straight line at constant speed, left, right, up or down (image coordinates: up = towards row 0),
   travelling `speed = 0.5` of the frame's extent along that axis from the first to the last frame.
 - The start position is drawn from the seed, uniformly over the positions that keep the whole object inside the
-  frame on every frame; sub-pixel positions are rendered with 4x4 supersampled anti-aliasing.
+  frame on every frame; sub-pixel positions are rendered with 4x4 supersampled anti-aliasing. `position_jitter`
+  (default 1) narrows that range around its centre: 0 puts every clip of a caption on the same centred path.
 - The caption is "a {colour} {shape} moving {direction}" (`caption`); 6 x 3 x 4 = 72 combinations.
 - `HELD_OUT` lists 6 combinations never used for training (`split="train"`), so a model can be tested on new
   combinations of known words. Every single word and every *pair* of words (colour-shape, colour-direction,
@@ -181,6 +182,12 @@ def start_range(direction: str, side: float, travel: float, height: int, width: 
     return (x_lo, x_hi), (y_lo, y_hi)
 
 
+def _narrow(lo: float, hi: float, fraction: float) -> tuple[float, float]:
+    """The middle `fraction` of [lo, hi]."""
+    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0 * fraction
+    return mid - half, mid + half
+
+
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
@@ -204,13 +211,15 @@ def render_clip(
     speed: float | None = None,
     background: str | None = None,
     distractors: int = 0,
+    position_jitter: float | None = None,
 ) -> np.ndarray:
     """Render one ShapesWorld clip -> np.uint8 [T, H, W, 3].
 
     size: object side as a fraction of min(H, W) (default 0.25). speed: distance travelled from the first to the
     last frame as a fraction of the frame along the motion axis (default 0.5); the object must fit, so
-    speed * extent + size * min(H, W) <= extent. The start position, background texture and distractor positions
-    come from `seed` (same arguments -> same bytes).
+    speed * extent + size * min(H, W) <= extent. position_jitter in [0, 1] (default 1): the fraction of the allowed
+    start range (along and across the motion) the start position is drawn from, centred in it. The start position,
+    background texture and distractor positions come from `seed` (same arguments -> same bytes).
     """
     _check_combination(colour, shape, direction)
     _check_int("num_frames", num_frames, 2, 4096)
@@ -220,7 +229,9 @@ def render_clip(
     _check_int("distractors", distractors, 0, 8)
     size = DEFAULT_SIZE if size is None else size
     speed = DEFAULT_SPEED if speed is None else speed
+    position_jitter = 1.0 if position_jitter is None else position_jitter
     _check_float("size", size, 0.1, 0.5)
+    _check_float("position_jitter", position_jitter, 0.0, 1.0)
     _check_float("speed", speed, 0.0, 0.9)
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
@@ -242,6 +253,9 @@ def render_clip(
 
     rng = np.random.default_rng([seed, 0x5A4E5])  # own stream, so ShapesWorld seeds do not alias other RNG uses
     (x_lo, x_hi), (y_lo, y_hi) = start_range(direction, side, travel, height, width)
+    if position_jitter < 1.0:
+        x_lo, x_hi = _narrow(x_lo, x_hi, position_jitter)
+        y_lo, y_hi = _narrow(y_lo, y_hi, position_jitter)
     cx0, cy0 = rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)
 
     base_HW3 = _background(background, height, width, rng)
@@ -349,6 +363,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         speed: float | None = None,
         background: str | None = None,
         distractors: int = 0,
+        position_jitter: float | None = None,
     ) -> None:
         _check_int("num_samples", num_samples, 1, 2**40)
         _check_int("seed", seed, 0, 2**63 - 1)
@@ -364,6 +379,7 @@ class ShapesWorld(torch.utils.data.Dataset):
             speed=speed,
             background=background,
             distractors=distractors,
+            position_jitter=position_jitter,
         )
         # Fail at construction, not inside a DataLoader worker, if the geometry is impossible.
         for direction in DIRECTIONS:
