@@ -24,12 +24,12 @@ PAIRS = [
 ]
 
 
-def data_mean(prompt: str, n: int, frames: int, height: int, width: int) -> torch.Tensor:
+def data_mean(prompt: str, n: int, frames: int, height: int, width: int, jitter: float = 1.0) -> torch.Tensor:
     from vdiff.data.shapes import clip_to_video, parse_caption, render_clip
 
     colour, shape, direction = parse_caption(prompt)
     clips = [clip_to_video(render_clip(colour, shape, direction, seed=s, num_frames=frames, height=height,
-                                       width=width)) for s in range(n)]
+                                       width=width, position_jitter=jitter)) for s in range(n)]
     return torch.stack(clips).mean(0)  # (3, T, H, W) in [-1, 1]
 
 
@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--data-clips", type=int, default=200, help="ShapesWorld clips averaged per prompt")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=16)
+    p.add_argument("--position-jitter", type=float, default=0.15,
+                   help="ShapesWorld position_jitter of the reference clips (the recipe's data.position_jitter)")
     args = p.parse_args()
 
     from vdiff.pipeline import VideoPipeline
@@ -60,7 +62,7 @@ def main() -> None:
     pipe = VideoPipeline.from_pretrained(args.checkpoint)
     dims = (args.frames, args.size, args.size)
     prompts = sorted({q for _, a, b in PAIRS for q in (a, b)})
-    dm = {q: data_mean(q, args.data_clips, *dims) for q in prompts}
+    dm = {q: data_mean(q, args.data_clips, *dims, jitter=args.position_jitter) for q in prompts}
     mm = {q: model_mean(pipe, q, args.seeds, *dims) for q in prompts}
     print(f"{'differ in':10} {'prompt A':28} {'prompt B':28} {'data':>7} {'model':>7}")
     for kind, a, b in PAIRS:
