@@ -25,7 +25,6 @@ def main() -> None:
 
     from train.config import load_recipe
     from vdiff.data.latents import _item_path
-    from vdiff.data.shapes import ShapesWorld
     from vdiff.models.text import minilm_text_encoder
     from vdiff.models.vae import PixelPatchVAE
 
@@ -33,8 +32,7 @@ def main() -> None:
     d = rc.data
     if d.dataset != "shapes" or not d.latent_cache or rc.text_encoder != "minilm" or rc.vae != "pixel":
         raise SystemExit("needs data.dataset=shapes, data.latent_cache set, text_encoder=minilm, vae=pixel")
-    ds = ShapesWorld(d.num_samples, num_frames=d.num_frames, height=d.height, width=d.width, seed=d.seed,
-                     split=d.split, position_jitter=d.position_jitter)
+    ds = d.shapes_world()
     side = int(round((rc.model.to_model_config().in_channels // 3) ** 0.5))
     vae = PixelPatchVAE((1, side, side))
     text = minilm_text_encoder(rc.text_max_length)

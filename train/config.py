@@ -86,6 +86,13 @@ class DataConfig:
         if self.dataset == "video_folder" and not self.root:
             raise ConfigError("data.root is required when data.dataset=video_folder")
 
+    def shapes_world(self):
+        """The ShapesWorld dataset these settings describe (the trainer's and scripts/fill_shapes_cache.py's)."""
+        from vdiff.data.shapes import ShapesWorld
+
+        return ShapesWorld(self.num_samples, num_frames=self.num_frames, height=self.height, width=self.width,
+                           seed=self.seed, split=self.split, position_jitter=self.position_jitter)
+
 
 @dataclass
 class OptimConfig:

@@ -296,10 +296,7 @@ class Trainer:
     def _build_dataset(self) -> torch.utils.data.Dataset:
         d = self.recipe.data
         if d.dataset == "shapes":
-            from vdiff.data.shapes import ShapesWorld
-
-            dataset = ShapesWorld(d.num_samples, num_frames=d.num_frames, height=d.height, width=d.width, seed=d.seed,
-                                  split=d.split, position_jitter=d.position_jitter)
+            dataset = d.shapes_world()
         else:
             from vdiff.data.video_folder import VideoFolder
 
