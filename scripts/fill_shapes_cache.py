@@ -3,8 +3,9 @@
     python scripts/fill_shapes_cache.py --config configs/train/shapes_tiny.yaml
 
 Writes the same item files as `vdiff.data.latents.build_latent_cache` (latents, text, caption) for every item of the
-recipe's dataset that is missing; the trainer then finds them all present, checks nothing is missing and writes
-meta.json with its fingerprint. Per-item encoding is what the trainer would do (PixelPatchVAE is exact space-to-depth
+recipe's dataset that is missing, then hands the folder to `build_latent_cache` itself, which finds every item present,
+checks nothing is missing and writes meta.json with the trainer's fingerprint: the cache is then readable by
+`LatentDataset` (scripts/direction_learnability.py) before any training run has touched it. Per-item encoding is what the trainer would do (PixelPatchVAE is exact space-to-depth
 and MiniLM pads every caption to text_max_length, so an embedding does not depend on its batch).
 """
 
@@ -24,7 +25,8 @@ def main() -> None:
     args = p.parse_args()
 
     from train.config import load_recipe
-    from vdiff.data.latents import _item_path
+    from train.trainer import latent_cache_fingerprint
+    from vdiff.data.latents import _item_path, build_latent_cache
     from vdiff.models.text import minilm_text_encoder
     from vdiff.models.vae import PixelPatchVAE
 
@@ -33,7 +35,8 @@ def main() -> None:
     if d.dataset != "shapes" or not d.latent_cache or rc.text_encoder != "minilm" or rc.vae != "pixel":
         raise SystemExit("needs data.dataset=shapes, data.latent_cache set, text_encoder=minilm, vae=pixel")
     ds = d.shapes_world()
-    side = int(round((rc.model.to_model_config().in_channels // 3) ** 0.5))
+    in_channels = rc.model.to_model_config().in_channels
+    side = int(round((in_channels // 3) ** 0.5))
     vae = PixelPatchVAE((1, side, side))
     text = minilm_text_encoder(rc.text_max_length)
     folder = Path(d.latent_cache)
@@ -52,6 +55,10 @@ def main() -> None:
             tmp = path.with_suffix(".tmpfill")
             torch.save({"latents": z, "text": emb[cap], "caption": cap}, tmp)
             tmp.rename(path)
+    # Every item is present now, so this only checks that and writes meta.json (it never calls the encoders).
+    build_latent_cache(ds, folder, vae.encode, lambda caps: text.encode(caps).embeds,
+                       latent_cache_fingerprint(rc, in_channels), show_progress=False)
+    print(f"{folder}: {len(ds)} items, meta.json written")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Does a ShapesWorld model decide the layout from the caption? A probe of the prediction from pure noise.
 
-    python scripts/probe_layout.py --checkpoint checkpoints/shapes-tiny [--seeds 32]
+    python scripts/probe_layout.py --checkpoint checkpoints/shapes-tiny [--seeds 32] [--config RECIPE key=value ...]
 
 At s = 1 the model sees pure noise, so the best it can do is predict the data's mean clip for the caption. For a
 direction, that mean is a band moving across the frame; a model that ignores the direction word predicts the same
@@ -8,6 +8,9 @@ mean for "moving left" and "moving right". This prints, for pairs of prompts tha
 absolute difference between the model's mean x0 predictions (over --seeds noise draws; pixels in [-1, 1]) next to
 the same difference for ShapesWorld's own clips, and the correlation of the model's mean with the data's mean per
 prompt (1 = the layout is the data's). Seconds on a CPU; use it to compare recipes long before an eval.
+
+Clip size defaults to the checkpoint's own (vdiff.json); the reference clips use the recipe's data.position_jitter
+(--config, with the same key=value overrides as the trainer; default the bundled recipe).
 """
 
 from __future__ import annotations
@@ -51,18 +54,24 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a pipeline folder")
     p.add_argument("--seeds", type=int, default=32, help="noise draws averaged per prompt")
     p.add_argument("--data-clips", type=int, default=200, help="ShapesWorld clips averaged per prompt")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=16)
-    p.add_argument("--position-jitter", type=float, default=0.15,
-                   help="ShapesWorld position_jitter of the reference clips (the recipe's data.position_jitter)")
+    p.add_argument("--frames", type=int, default=None, help="default: the checkpoint's num_frames")
+    p.add_argument("--size", type=int, default=None, help="height = width; default: the checkpoint's")
+    p.add_argument("--config", default="configs/train/shapes_tiny.yaml",
+                   help="the recipe the checkpoint was trained with: its data.position_jitter shapes the reference clips")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as given to the trainer")
     args = p.parse_args()
 
+    from train.config import load_recipe
     from vdiff.pipeline import VideoPipeline
 
+    jitter = load_recipe(args.config, args.overrides).data.position_jitter
     pipe = VideoPipeline.from_pretrained(args.checkpoint)
-    dims = (args.frames, args.size, args.size)
+    frames = args.frames or pipe.config.num_frames
+    height, width = (args.size, args.size) if args.size else (pipe.config.height, pipe.config.width)
+    dims = (frames, height, width)
+    print(f"{frames} x {height} x {width} clips, reference position_jitter {jitter}")
     prompts = sorted({q for _, a, b in PAIRS for q in (a, b)})
-    dm = {q: data_mean(q, args.data_clips, *dims, jitter=args.position_jitter) for q in prompts}
+    dm = {q: data_mean(q, args.data_clips, *dims, jitter=jitter) for q in prompts}
     mm = {q: model_mean(pipe, q, args.seeds, *dims) for q in prompts}
     print(f"{'differ in':10} {'prompt A':28} {'prompt B':28} {'data':>7} {'model':>7}")
     for kind, a, b in PAIRS:

@@ -101,6 +101,35 @@ def test_latent_cache_fingerprint_separates_data_and_keeps_older_caches():
     assert gpu.model.to_model_config().num_layers == 30 and gpu.train.deepspeed != "none"
 
 
+def test_fill_shapes_cache_matches_the_trainers_cache_and_is_readable_at_once(tmp_path, monkeypatch):
+    """scripts/fill_shapes_cache.py writes the items build_latent_cache would, and meta.json with the trainer's
+    fingerprint, so LatentDataset reads it and the trainer accepts it without re-encoding."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fill_shapes_cache
+
+    from vdiff.data.latents import LatentDataset, build_latent_cache, cache_is_complete
+    from vdiff.models.text import minilm_text_encoder
+    from vdiff.models.vae import PixelPatchVAE
+
+    recipe = ROOT / "configs" / "train" / "shapes_tiny.yaml"
+    over = ["data.num_samples=5", "data.num_frames=4", "data.height=16", "data.width=16"]
+    monkeypatch.setattr(sys, "argv", ["fill", "--config", str(recipe), *over, f"data.latent_cache={tmp_path / 'a'}"])
+    fill_shapes_cache.main()
+    rc = load_recipe(recipe, over)
+    assert cache_is_complete(tmp_path / "a", latent_cache_fingerprint(rc, 48))
+    text = minilm_text_encoder(rc.text_max_length)
+    build_latent_cache(rc.data.shapes_world(), tmp_path / "b", PixelPatchVAE((1, 4, 4)).encode,
+                       lambda caps: text.encode(caps).embeds, latent_cache_fingerprint(rc, 48), batch_size=3,
+                       show_progress=False)
+    filled, built = LatentDataset(tmp_path / "a"), LatentDataset(tmp_path / "b")
+    assert len(filled) == len(built) == 5
+    for i in range(5):
+        a, b = filled[i], built[i]
+        assert a["caption"] == b["caption"]
+        assert torch.equal(a["latents"], b["latents"]) and a["latents"].std() > 0
+        torch.testing.assert_close(a["text"], b["text"], rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_sampler_disjoint_union_and_resume():
     one = ShardedBatchSampler(40, 4, 0, 1, seed=3)
     two = [ShardedBatchSampler(40, 2, r, 2, seed=3) for r in range(2)]

@@ -162,7 +162,7 @@ class _HeadBlockHook(ModelHook):
         if skip:
             return x + st.stack_residual  # the tail hooks pass it through
         st.stack_input = x
-        return self.fn_ref.original_forward(x, *args, **kwargs)
+        return self.fn_ref.original_forward(x, *args, modulated=m, **kwargs)  # norm1 is not computed twice
 
 
 class _TailBlockHook(ModelHook):

@@ -262,10 +262,13 @@ class VideoDiTBlock(nn.Module):
         temb: torch.Tensor,  # (B, 6, D) or per token (B, L, 6, D)
         rope: tuple[torch.Tensor, torch.Tensor],
         ctx: AttentionContext,
+        modulated: torch.Tensor | None = None,  # modulated_input(x, temb) when the caller has it already (step cache)
     ) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(temb)
 
-        h = (self.norm1(x.float()) * (1 + scale_sa) + shift_sa).type_as(x)
+        if modulated is None:
+            modulated = self.norm1(x.float()) * (1 + scale_sa) + shift_sa
+        h = modulated.type_as(x)
         x = (x.float() + self.attn1(h, rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
 
         h = self.norm2(x.float()).type_as(x)
