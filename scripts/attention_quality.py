@@ -9,9 +9,12 @@ the backend it was trained with: the exported pipeline keeps its attention confi
 eval scores (all-correct, held-out all-correct, per attribute, temporal), training tokens/s and seconds per sampled
 clip, and writes bench/results/attention-quality-<machine>.json.
 
-Backend settings sized for the bundled model's 16 x 4 x 4 = 256-token grid (what each keeps of the 256 x 256
-attention map, measured at sampling): radial block_size=16 (one frame per block, ~12% dense), sliding_tile tile
-(2,4,4) window (3,1,1) (~38%), vmoba chunk (2 frames) top-3 (~53%). Change them with --set BACKEND.key=value.
+Recipe overrides after the options apply to every backend (e.g. `data.height=16 data.width=16
+model.patch_size=[1,1,1]` for the 16 x 16 reduced size of the README table). Backend settings follow the recipe's
+token grid (T, H, W) (`backend_overrides`): radial block_size = H*W (one frame per block), sliding_tile tile
+(2, H, W) window (3, 1, 1) (each 2-frame tile sees its neighbours in time), vmoba chunks of 2 frames / a whole frame /
+2 whole frames, top-3. On the 16 x 4 x 4 grid of the 16 x 16 clips that keeps, of the 256 x 256 attention map measured
+at sampling: radial ~12%, sliding_tile ~38%, vmoba ~53%. Change them with --set BACKEND.key=value.
 """
 
 from __future__ import annotations
@@ -23,14 +26,33 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS: dict[str, list[str]] = {
-    "dense": ["model.attention.backend=dense"],
-    "radial": ["model.attention.backend=radial", "model.attention.radial.block_size=16"],
-    "sliding_tile": ["model.attention.backend=sliding_tile", "model.attention.sliding_tile.tile=[2,4,4]",
-                     "model.attention.sliding_tile.window=[3,1,1]"],
-    "vmoba": ["model.attention.backend=vmoba", "model.attention.vmoba.chunk_t=2", "model.attention.vmoba.chunk_hw=[4,4]",
-              "model.attention.vmoba.chunk_thw=[2,4,4]", "model.attention.vmoba.topk=3"],
-}
+BACKENDS = ("dense", "radial", "sliding_tile", "vmoba")
+
+
+def token_grid(config: str, overrides: list[str]) -> tuple[int, int, int]:
+    """(T, H, W) tokens of the recipe's clips: frames and pixels / PixelPatchVAE stride / patch size."""
+    from train.config import load_recipe
+
+    rc = load_recipe(config, overrides)
+    if rc.vae != "pixel":
+        raise SystemExit(f"{config}: needs vae=pixel (got {rc.vae!r})")
+    mc = rc.model.to_model_config()
+    side = round((mc.in_channels // 3) ** 0.5)
+    pt, ph, pw = mc.patch_size
+    return rc.data.num_frames // pt, rc.data.height // side // ph, rc.data.width // side // pw
+
+
+def backend_overrides(name: str, grid: tuple[int, int, int]) -> list[str]:
+    _, h, w = grid
+    a = "model.attention"
+    return {
+        "dense": [f"{a}.backend=dense"],
+        "radial": [f"{a}.backend=radial", f"{a}.radial.block_size={h * w}"],
+        "sliding_tile": [f"{a}.backend=sliding_tile", f"{a}.sliding_tile.tile=[2,{h},{w}]",
+                         f"{a}.sliding_tile.window=[3,1,1]"],
+        "vmoba": [f"{a}.backend=vmoba", f"{a}.vmoba.chunk_t=2", f"{a}.vmoba.chunk_hw=[{h},{w}]",
+                  f"{a}.vmoba.chunk_thw=[2,{h},{w}]", f"{a}.vmoba.topk=3"],
+    }[name]
 
 
 def run(cmd: list[str]) -> None:
@@ -48,15 +70,20 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="BACKEND.key=value",
                    help="extra recipe override for one backend, e.g. radial.model.attention.radial.decay_factor=0.9")
     p.add_argument("--skip-train", action="store_true", help="only evaluate runs already under --out-root")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every backend")
     args = p.parse_args()
 
+    sys.path.insert(0, str(ROOT))
+    grid = token_grid(args.config, args.overrides)
+    print(f"token grid {grid}", flush=True)
     rows = []
     for name in args.backends.split(","):
         if name not in BACKENDS:
             raise SystemExit(f"--backends: unknown {name!r}; known: {list(BACKENDS)}")
         out = Path(args.out_root) / name
         extra = [s.split(".", 1)[1] for s in args.set if s.split(".", 1)[0] == name]
-        overrides = [*BACKENDS[name], *extra, f"output_dir={out}", "validation.at_end=false"]
+        overrides = [*args.overrides, *backend_overrides(name, grid), *extra, f"output_dir={out}",
+                     "validation.at_end=false"]
         if args.steps:
             overrides.append(f"train.max_steps={args.steps}")
         if not args.skip_train:
@@ -74,13 +101,13 @@ def main() -> int:
             "temporal": round(res["temporal"], 3), "train_tokens_per_s": round(summary["tokens_per_s"]),
             "s_per_clip": round(rep["seconds_per_clip"], 3), "overrides": overrides,
         })
-    sys.path.insert(0, str(ROOT))
     from bench.common import machine_info, print_table, write_result
 
     cols = ["backend", "steps", "final_loss", "all_correct", "heldout_all_correct", "colour", "shape", "direction",
             "temporal", "train_tokens_per_s", "s_per_clip"]
     print_table(rows, cols, title="quality vs attention (ShapesWorld, natively trained)")
-    write_result("attention-quality", rows, {"config": args.config, "steps": args.steps, "num_clips": args.num_clips,
+    write_result("attention-quality", rows, {"config": args.config, "overrides": args.overrides, "grid": grid,
+                                             "steps": args.steps, "num_clips": args.num_clips,
                                              "command": " ".join(sys.argv), "machine": machine_info()})
     return 0
 
