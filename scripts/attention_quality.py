@@ -32,14 +32,14 @@ BACKENDS = ("dense", "radial", "sliding_tile", "vmoba")
 def token_grid(config: str, overrides: list[str]) -> tuple[int, int, int]:
     """(T, H, W) tokens of the recipe's clips: frames and pixels / PixelPatchVAE stride / patch size."""
     from train.config import load_recipe
+    from vdiff.models.vae import PixelPatchVAE
 
     rc = load_recipe(config, overrides)
     if rc.vae != "pixel":
         raise SystemExit(f"{config}: needs vae=pixel (got {rc.vae!r})")
     mc = rc.model.to_model_config()
-    side = round((mc.in_channels // 3) ** 0.5)
-    pt, ph, pw = mc.patch_size
-    return rc.data.num_frames // pt, rc.data.height // side // ph, rc.data.width // side // pw
+    latent = PixelPatchVAE.for_channels(mc.in_channels).latent_shape(rc.data.num_frames, rc.data.height, rc.data.width)
+    return tuple(n // p for n, p in zip(latent, mc.patch_size))
 
 
 def backend_overrides(name: str, grid: tuple[int, int, int]) -> list[str]:

@@ -3,10 +3,11 @@
     python scripts/fill_shapes_cache.py --config configs/train/shapes_tiny.yaml
 
 Writes the same item files as `vdiff.data.latents.build_latent_cache` (latents, text, caption) for every item of the
-recipe's dataset that is missing, then hands the folder to `build_latent_cache` itself, which finds every item present,
-checks nothing is missing and writes meta.json with the trainer's fingerprint: the cache is then readable by
-`LatentDataset` (scripts/direction_learnability.py) before any training run has touched it. Per-item encoding is what the trainer would do (PixelPatchVAE is exact space-to-depth
-and MiniLM pads every caption to text_max_length, so an embedding does not depend on its batch).
+recipe's dataset that is missing, then hands the folder to `build_latent_cache` itself, which finds every item
+present, checks nothing is missing and writes meta.json with the trainer's fingerprint: the cache is then readable
+by `LatentDataset` (scripts/direction_learnability.py) before any training run has touched it. Per-item encoding is
+what the trainer would do (PixelPatchVAE is exact space-to-depth and MiniLM pads every caption to text_max_length,
+so an embedding does not depend on its batch).
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ def main() -> None:
         raise SystemExit("needs data.dataset=shapes, data.latent_cache set, text_encoder=minilm, vae=pixel")
     ds = d.shapes_world()
     in_channels = rc.model.to_model_config().in_channels
-    side = int(round((in_channels // 3) ** 0.5))
-    vae = PixelPatchVAE((1, side, side))
+    vae = PixelPatchVAE.for_channels(in_channels)
     text = minilm_text_encoder(rc.text_max_length)
     folder = Path(d.latent_cache)
     folder.mkdir(parents=True, exist_ok=True)

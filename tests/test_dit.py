@@ -152,6 +152,20 @@ def test_tiny_preset_runs_with_pixel_vae_shapes():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_pixel_vae_for_channels_is_the_exact_patch_inverse():
+    from vdiff.models.vae import PixelPatchVAE
+
+    assert [PixelPatchVAE.for_channels(c).stride for c in (3, 12, 48)] == [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
+    video = torch.rand(2, 3, 4, 8, 8) * 2 - 1
+    vae = PixelPatchVAE.for_channels(48)
+    z = vae.encode(video)
+    assert z.shape == (2, 48, 4, 2, 2) and torch.equal(vae.decode(z), video)
+    assert torch.equal(z[:, :, 0, 0, 0].reshape(2, 3, 4, 4), video[:, :, 0, :4, :4])  # channel = (rgb, row, col)
+    for bad in (0, 2, 47):
+        with pytest.raises(ValueError, match=f"{bad} latent channels"):
+            PixelPatchVAE.for_channels(bad)
+
+
 def test_bad_attention_requests_fail_early():
     model = VideoDiT(**CONFIGS["odd-nonsquare"]["cfg"])
     with pytest.raises(RuntimeError, match="xformers"):

@@ -276,10 +276,11 @@ class Trainer:
             text = HFTextEncoder.from_pretrained(rc.text_encoder, rc.text_max_length)
         text.to(self.device)
         if rc.vae == "pixel":
-            side = math.isqrt(self.model_config.in_channels // 3)
-            if 3 * side * side != self.model_config.in_channels:
-                raise ConfigError(f"vae=pixel needs model.in_channels = 3*k*k (got {self.model_config.in_channels})")
-            vae = PixelPatchVAE((1, side, side))
+            try:
+                vae = PixelPatchVAE.for_channels(self.model_config.in_channels)
+            except ValueError:
+                raise ConfigError(f"vae=pixel needs model.in_channels = 3*k*k (got {self.model_config.in_channels})") \
+                    from None
         else:
             vae = load_vae(rc.vae).to(self.device)
         if vae.latent_channels != self.model_config.in_channels:

@@ -26,6 +26,14 @@ class PixelPatchVAE(nn.Module):
         self.channels = channels
         self.latent_channels = channels * math.prod(self.stride)
 
+    @classmethod
+    def for_channels(cls, latent_channels: int, channels: int = 3) -> PixelPatchVAE:
+        """The (1, k, k) patch VAE whose latents have `latent_channels` = channels * k * k; ValueError if none does."""
+        k = math.isqrt(latent_channels // channels)
+        if k < 1 or channels * k * k != latent_channels:
+            raise ValueError(f"no (1, k, k) pixel patch gives {latent_channels} latent channels (needs {channels}*k*k)")
+        return cls((1, k, k), channels)
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         st, sh, sw = self.stride
         return num_frames // st, height // sh, width // sw
