@@ -252,8 +252,10 @@ class VideoDiTBlock(nn.Module):
 
     def modulated_input(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """What self-attention sees: norm1(x) * (1 + scale) + shift (TeaCache's change indicator), fp32."""
-        shift_sa, scale_sa = self.modulation(temb)[:2]
-        return self.norm1(x.float()) * (1 + scale_sa) + shift_sa
+        return self._modulate_sa(x, *self.modulation(temb)[:2])
+
+    def _modulate_sa(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.norm1(x.float()) * (1 + scale) + shift
 
     def forward(
         self,
@@ -267,7 +269,7 @@ class VideoDiTBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(temb)
 
         if modulated is None:
-            modulated = self.norm1(x.float()) * (1 + scale_sa) + shift_sa
+            modulated = self._modulate_sa(x, shift_sa, scale_sa)
         h = modulated.type_as(x)
         x = (x.float() + self.attn1(h, rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
 
