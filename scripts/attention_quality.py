@@ -71,7 +71,7 @@ def main() -> int:
                    help="extra recipe override for one backend, e.g. radial.model.attention.radial.decay_factor=0.9")
     p.add_argument("--skip-train", action="store_true", help="only evaluate runs already under --out-root")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every backend")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
 
     sys.path.insert(0, str(ROOT))
     grid = token_grid(args.config, args.overrides)

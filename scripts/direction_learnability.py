@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--arms", default="mean,sample")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (e.g. model.text_pool=attn)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
 
     from train.config import load_recipe
     from vdiff.data.latents import LatentDataset

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit 1 when the all-correct rate is below R (0..1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (see above)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def settings_tag(overrides: dict) -> str:

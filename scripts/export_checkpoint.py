@@ -23,7 +23,7 @@ def main() -> None:
                    "(its latest checkpoint)")
     p.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides used for the run")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
 
     from train.config import load_recipe
     from train.trainer import Trainer

@@ -23,7 +23,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
 
     from train.config import load_recipe
     from train.trainer import latent_cache_fingerprint

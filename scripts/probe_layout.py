@@ -15,6 +15,12 @@ two shapes' clips (cosine, and gain = projection / true norm^2: 1 = the caption 
 0 = the caption is ignored). Where the layout is known (s <= ~0.6) the image decides; the caption's work is at
 s ~ 0.7-0.95.
 
+--roundness adds a third table, for the circle's detail: real circles (one per colour) noised to s, the model's x0
+prediction captioned "circle" and "square", read back by the evaluator's roundness cue (1/3 for a disc, 0 for a
+square, split at 0.2; the noisy input itself reads ~0.35 at small s). A model whose low-noise denoiser knows circles
+keeps its prediction round at s = 0.05-0.2; one that does not makes it squarer than its own input, and the sampler's
+last step hands the clip that prediction.
+
 Clip size defaults to the checkpoint's own (vdiff.json); the reference clips use the recipe's data.position_jitter
 (--config, with the same key=value overrides as the trainer; default the bundled recipe).
 """
@@ -55,31 +61,52 @@ def model_mean(pipe, prompt: str, seeds: int, frames: int, height: int, width: i
     return vae.decode(x0).float().clamp(-1, 1).mean(0)  # (3, T, H, W)
 
 
+def real_clips(pipe, shape: str, frames: int, height: int, width: int, jitter: float):
+    """One ShapesWorld clip of `shape` per colour (directions cycling) -> (colour-direction pairs, videos [N, 3, T, H, W])."""
+    from vdiff.data.shapes import COLOURS, DIRECTIONS, clip_to_video, render_clip
+
+    combos = [(c, DIRECTIONS[i % len(DIRECTIONS)]) for i, c in enumerate(COLOURS)]
+    videos = torch.stack([clip_to_video(render_clip(c, shape, d, seed=i, num_frames=frames, height=height,
+                                                    width=width, position_jitter=jitter))
+                          for i, (c, d) in enumerate(combos)]).to(pipe.device)
+    return combos, videos
+
+
+@torch.no_grad()
+def x0_prediction(pipe, latents: torch.Tensor, s: float, captions: list[str]) -> torch.Tensor:
+    """Decoded x0 prediction [N, 3, T, H, W] of `latents` noised to s (noise seed 1), captioned `captions`."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(pipe.device)
+    xs = (1 - s) * latents + s * noise
+    t = torch.full((len(captions),), 1000.0 * s, device=pipe.device)
+    text = pipe.text_encoder.encode(captions).embeds.to(pipe.device)
+    return pipe.vae.decode(xs - s * pipe.transformer(xs, t, text).sample).float()
+
+
 @torch.no_grad()
 def shape_gain(pipe, s: float, frames: int, height: int, width: int, jitter: float, base: str = "square",
                pair: tuple[str, str] = ("circle", "square")) -> tuple[float, float]:
     """(cosine, gain) of x0(caption pair[0]) - x0(caption pair[1]) against the true clip difference, at noise s."""
-    from vdiff.data.shapes import COLOURS, DIRECTIONS, clip_to_video, render_clip
-
-    model, vae = pipe.transformer, pipe.vae
-    combos = [(c, DIRECTIONS[i % len(DIRECTIONS)]) for i, c in enumerate(COLOURS)]
-
-    def clips(shape: str) -> torch.Tensor:
-        return torch.stack([clip_to_video(render_clip(c, shape, d, seed=i, num_frames=frames, height=height,
-                                                      width=width, position_jitter=jitter))
-                            for i, (c, d) in enumerate(combos)]).to(pipe.device)  # (N, 3, T, H, W)
-
-    x0 = vae.encode(clips(base))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)).to(pipe.device)
-    xs = (1 - s) * x0 + s * noise
-    t = torch.full((len(combos),), 1000.0 * s, device=pipe.device)
-    pred = {}
-    for shape in pair:
-        text = pipe.text_encoder.encode([f"a {c} {shape} moving {d}" for c, d in combos]).embeds.to(pipe.device)
-        pred[shape] = vae.decode(xs - s * model(xs, t, text).sample).float()
+    combos, videos = real_clips(pipe, base, frames, height, width, jitter)
+    x0 = pipe.vae.encode(videos)
+    pred = {shape: x0_prediction(pipe, x0, s, [f"a {c} {shape} moving {d}" for c, d in combos]) for shape in pair}
     got = (pred[pair[0]] - pred[pair[1]]).flatten()
-    true = (clips(pair[0]) - clips(pair[1])).flatten()
+    true = (real_clips(pipe, pair[0], frames, height, width, jitter)[1]
+            - real_clips(pipe, pair[1], frames, height, width, jitter)[1]).flatten()
     return float(got @ true / (got.norm() * true.norm() + 1e-12)), float(got @ true / (true @ true))
+
+
+@torch.no_grad()
+def x0_roundness(pipe, s: float, frames: int, height: int, width: int, jitter: float, caption_shape: str,
+                 shape: str = "circle") -> tuple[float, int, int]:
+    """(median roundness, clips read as `shape`, clips) of the x0 predictions of real `shape` clips noised to s."""
+    from vdiff.data.shapes import video_to_clip
+    from vdiff.eval.shapes_eval import read_clip
+
+    combos, videos = real_clips(pipe, shape, frames, height, width, jitter)
+    pred = x0_prediction(pipe, pipe.vae.encode(videos), s, [f"a {c} {caption_shape} moving {d}" for c, d in combos])
+    readings = [read_clip(video_to_clip(v)) for v in pred.clamp(-1, 1).cpu()]
+    values = torch.tensor([r.info.get("roundness", float("nan")) for r in readings])
+    return float(values.nanmedian()), sum(r.shape == shape for r in readings), len(readings)
 
 
 def main() -> None:
@@ -90,10 +117,11 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=None, help="default: the checkpoint's num_frames")
     p.add_argument("--size", type=int, default=None, help="height = width; default: the checkpoint's")
     p.add_argument("--shape-gain", action="store_true", help="also print the shape-word table (see above)")
+    p.add_argument("--roundness", action="store_true", help="also print the circle-detail table (see above)")
     p.add_argument("--config", default="configs/train/shapes_tiny.yaml",
                    help="the recipe the checkpoint was trained with: its data.position_jitter shapes the reference clips")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as given to the trainer")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
 
     from train.config import load_recipe
     from vdiff.pipeline import VideoPipeline
@@ -121,6 +149,14 @@ def main() -> None:
             cs = shape_gain(pipe, s, *dims, jitter)
             ct = shape_gain(pipe, s, *dims, jitter, pair=("circle", "triangle"))
             print(f"{s:5.2f} {cs[0]:18.3f} {cs[1]:6.2f} {ct[0]:20.3f} {ct[1]:6.2f}")
+    if args.roundness:
+        print("circle detail: x0 prediction of real circles (one per colour) noised to s, evaluator roundness "
+              "(disc 1/3, square 0, split 0.2) and clips read as circle")
+        print(f"{'s':>5} {'captioned circle':>17} {'read':>6} {'captioned square':>17} {'read':>6}")
+        for s in (0.05, 0.1, 0.2, 0.35, 0.5):
+            rc, nc, n = x0_roundness(pipe, s, *dims, jitter, "circle")
+            rs, ns, _ = x0_roundness(pipe, s, *dims, jitter, "square")
+            print(f"{s:5.2f} {rc:17.3f} {nc:4d}/{n} {rs:17.3f} {ns:4d}/{n}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--stats", type=Path, default=None, help="also write the call's stats as JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling settings (see above)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def call_kwargs(overrides: list[str]) -> tuple[dict, int | None]:

@@ -63,8 +63,9 @@ def test_eval_cli_smoke_on_the_bundled_model(tmp_path):
 
     out = tmp_path / "report.json"
     clips_dir = tmp_path / "clips"
-    args = ["--checkpoint", str(CHECKPOINT), "--out", str(out), "--markdown", str(tmp_path / "EVAL.md"),
-            "--save-clips", str(clips_dir), "--quiet", "num_clips=6", "steps=4", "batch_size=3", "seed=5"]
+    # key=value settings may sit between the flags, as a user types them
+    args = ["--checkpoint", str(CHECKPOINT), "num_clips=6", "steps=4", "--out", str(out), "--markdown",
+            str(tmp_path / "EVAL.md"), "batch_size=3", "--save-clips", str(clips_dir), "--quiet", "seed=5"]
     assert eval_cli.main(args) == 0
     report = json.loads(out.read_text())
     res, rows = report["results"], report["results"]["per_clip"]
@@ -112,3 +113,20 @@ def test_bundled_model_reproduces_its_eval_report():
         for attribute in keys:
             assert res[attribute] >= 10 / 12, (attribute, res[attribute])
         assert res["temporal"] > 0.5
+
+
+@needs_checkpoint
+def test_roundness_probe_reads_the_bundled_models_circles():
+    """scripts/probe_layout.py --roundness: real circles noised to s = 0.1, denoised in one step by the bundled model,
+    read back by the evaluator. Captioned "circle" they stay round (the evaluator reads them as circles); the same
+    inputs captioned "square" come out squarer: the probe sees both the low-noise detail and the shape word."""
+    import probe_layout  # scripts/probe_layout.py
+
+    from vdiff.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(CHECKPOINT)
+    dims = (pipe.config.num_frames, pipe.config.height, pipe.config.width)
+    rc, nc, n = probe_layout.x0_roundness(pipe, 0.1, *dims, 0.15, "circle")
+    rs, ns, _ = probe_layout.x0_roundness(pipe, 0.1, *dims, 0.15, "square")
+    assert n == 6 and nc >= 4, (rc, nc)
+    assert rc > 0.2 and rs < rc - 0.05 and ns < nc, (rc, rs, nc, ns)

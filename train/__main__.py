@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="training recipe YAML (configs/train/*.yaml); defaults when omitted")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from train.config import load_recipe
 
