@@ -62,7 +62,7 @@ def model_mean(pipe, prompt: str, seeds: int, frames: int, height: int, width: i
 
 
 def real_clips(pipe, shape: str, frames: int, height: int, width: int, jitter: float):
-    """One ShapesWorld clip of `shape` per colour (directions cycling) -> (colour-direction pairs, videos [N, 3, T, H, W])."""
+    """One ShapesWorld clip of `shape` per colour, directions cycling -> ((colour, direction) pairs, [N, 3, T, H, W])."""
     from vdiff.data.shapes import COLOURS, DIRECTIONS, clip_to_video, render_clip
 
     combos = [(c, DIRECTIONS[i % len(DIRECTIONS)]) for i, c in enumerate(COLOURS)]
