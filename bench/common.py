@@ -126,14 +126,17 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
     return text
 
 
-def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
-    """Write bench/results/<name>-<machine>.json with the rows, the machine, versions and the command line."""
+def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+                 launch: str | None = None) -> Path:
+    """Write bench/results/<name>-<machine>.json with the rows, the machine, versions and the command line.
+
+    `launch`: the command that reruns it, when it is not `./launch.sh bench <name> ARGS` (a script under scripts/)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{machine_tag()}.json"
     payload = {
         "benchmark": name,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
-        "launch": f"./launch.sh bench {name} " + " ".join(sys.argv[1:]),
+        "launch": launch or f"./launch.sh bench {name} " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "git_commit": _git_commit(),
         "machine": machine_info(),

@@ -6,8 +6,10 @@
 For each backend: `./launch.sh train --config RECIPE model.attention=... train.max_steps=STEPS output_dir=...`
 (same seeds, same data, same steps), then `./launch.sh eval --checkpoint OUT/pipeline num_clips=N` (sampling with
 the backend it was trained with: the exported pipeline keeps its attention config). Prints one row per backend:
-eval scores (all-correct, held-out all-correct, per attribute, temporal), training tokens/s and seconds per sampled
-clip, and writes bench/results/attention-quality-<machine>.json.
+the mean logged training loss over the last 10% of steps, eval scores (all-correct, held-out all-correct, per
+attribute, temporal), training tokens/s and seconds per sampled clip, and writes
+bench/results/attention-quality-<machine>.json. --skip-train evaluates runs trained elsewhere (e.g. two at a time
+with the same overrides); the JSON says so.
 
 Recipe overrides after the options apply to every backend (e.g. `data.height=16 data.width=16
 model.patch_size=[1,1,1]` for the 16 x 16 reduced size of the README table). Backend settings follow the recipe's
@@ -92,10 +94,14 @@ def main() -> int:
         run(["./launch.sh", "eval", "--checkpoint", str(out / "pipeline"), "--out", str(report_path), "--quiet",
              f"num_clips={args.num_clips}"])
         summary = json.loads((out / "summary.json").read_text())
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        logged = [r for r in logged if "loss" in r]
+        tail = [r["loss"] for r in logged if r["step"] > 0.9 * summary["steps"]]  # one batch each: average them
         rep = json.loads(report_path.read_text())
         res = rep["results"]
         rows.append({
             "backend": name, "steps": summary["steps"], "final_loss": round(summary["final_loss"], 4),
+            "loss_last_10pct": round(sum(tail) / len(tail), 4) if tail else None,
             "all_correct": res["all_correct"], "heldout_all_correct": res["heldout"]["all_correct"],
             "colour": res["colour"], "shape": res["shape"], "direction": res["direction"],
             "temporal": round(res["temporal"], 3), "train_tokens_per_s": round(summary["tokens_per_s"]),
@@ -103,12 +109,14 @@ def main() -> int:
         })
     from bench.common import machine_info, print_table, write_result
 
-    cols = ["backend", "steps", "final_loss", "all_correct", "heldout_all_correct", "colour", "shape", "direction",
+    cols = ["backend", "steps", "loss_last_10pct", "all_correct", "heldout_all_correct", "colour", "shape", "direction",
             "temporal", "train_tokens_per_s", "s_per_clip"]
     print_table(rows, cols, title="quality vs attention (ShapesWorld, natively trained)")
     write_result("attention-quality", rows, {"config": args.config, "overrides": args.overrides, "grid": grid,
                                              "steps": args.steps, "num_clips": args.num_clips,
-                                             "command": " ".join(sys.argv), "machine": machine_info()})
+                                             "skip_train": args.skip_train, "command": " ".join(sys.argv),
+                                             "machine": machine_info()},
+                 launch="python " + " ".join(["scripts/attention_quality.py", *sys.argv[1:]]))
     return 0
 
 
