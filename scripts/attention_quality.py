@@ -11,6 +11,9 @@ attribute, temporal), training tokens/s and seconds per sampled clip, and writes
 bench/results/attention-quality-<machine>.json. --skip-train evaluates runs trained elsewhere (e.g. two at a time
 with the same overrides); the JSON says so.
 
+A second stage per backend (the bundled model's shift-1 stage): `--init-from-root outputs/attention-quality --out-root
+outputs/attention-quality-s2 --tag stage2 flow.shift=1.0 optim.lr=5e-4 optim.warmup_steps=50 --steps 1500`.
+
 Recipe overrides after the options apply to every backend (e.g. `data.height=16 data.width=16
 model.patch_size=[1,1,1]` for the 16 x 16 reduced size of the README table). Backend settings follow the recipe's
 token grid (T, H, W) (`backend_overrides`): radial block_size = H*W (one frame per block), sliding_tile tile
@@ -72,6 +75,10 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="BACKEND.key=value",
                    help="extra recipe override for one backend, e.g. radial.model.attention.radial.decay_factor=0.9")
     p.add_argument("--skip-train", action="store_true", help="only evaluate runs already under --out-root")
+    p.add_argument("--init-from-root", default=None, metavar="DIR",
+                   help="a second stage: each backend starts from DIR/<backend>/pipeline (train.init_from), e.g. the "
+                        "first stage's --out-root, with stage-2 overrides such as flow.shift=1.0")
+    p.add_argument("--tag", default=None, help="results go to bench/results/attention-quality-<tag>-<machine>.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every backend")
     args = p.parse_intermixed_args()
 
@@ -88,6 +95,8 @@ def main() -> int:
                      "validation.at_end=false"]
         if args.steps:
             overrides.append(f"train.max_steps={args.steps}")
+        if args.init_from_root:
+            overrides.append(f"train.init_from={Path(args.init_from_root) / name / 'pipeline'}")
         if not args.skip_train:
             run(["./launch.sh", "train", "--config", args.config, *overrides])
         report_path = out / "eval.json"
@@ -112,8 +121,9 @@ def main() -> int:
     cols = ["backend", "steps", "loss_last_10pct", "all_correct", "heldout_all_correct", "colour", "shape", "direction",
             "temporal", "train_tokens_per_s", "s_per_clip"]
     print_table(rows, cols, title="quality vs attention (ShapesWorld, natively trained)")
-    write_result("attention-quality", rows, {"config": args.config, "overrides": args.overrides, "grid": grid,
+    write_result("attention-quality" + (f"-{args.tag}" if args.tag else ""), rows, {"config": args.config, "overrides": args.overrides, "grid": grid,
                                              "steps": args.steps, "num_clips": args.num_clips,
+                                             "init_from_root": args.init_from_root,
                                              "skip_train": args.skip_train, "command": " ".join(sys.argv),
                                              "machine": machine_info()},
                  launch="python " + " ".join(["scripts/attention_quality.py", *sys.argv[1:]]))

@@ -566,7 +566,8 @@ class Trainer:
               f"model {n_params / 1e6:.2f}M params, attention={self.recipe.model.attention.backend}; "
               f"{len(self.dataset)} samples x {self.tokens_per_sample} tokens; global batch "
               f"{r.batch_size * r.grad_accum * self.dp_world}; "
-              + (f"resumed from {resumed_from} at step {self.progress.step}" if resumed_from else "fresh start"),
+              + (f"resumed from {resumed_from} at step {self.progress.step}" if resumed_from
+                 else f"fresh start from the weights of {r.init_from}" if r.init_from else "fresh start"),
               flush=True)
 
     def _summary_text(self, s: dict[str, Any]) -> str:
