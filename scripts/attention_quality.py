@@ -103,9 +103,10 @@ def main() -> int:
         run(["./launch.sh", "eval", "--checkpoint", str(out / "pipeline"), "--out", str(report_path), "--quiet",
              f"num_clips={args.num_clips}"])
         summary = json.loads((out / "summary.json").read_text())
-        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        logged = [r for r in logged if "loss" in r]
-        tail = [r["loss"] for r in logged if r["step"] > 0.9 * summary["steps"]]  # one batch each: average them
+        # step -> loss; the last entry per step wins (a resumed run re-logs the steps it replays)
+        losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in r}
+        tail = [loss for step, loss in losses.items() if step > 0.9 * summary["steps"]]  # one batch each: average
         rep = json.loads(report_path.read_text())
         res = rep["results"]
         rows.append({
@@ -121,12 +122,11 @@ def main() -> int:
     cols = ["backend", "steps", "loss_last_10pct", "all_correct", "heldout_all_correct", "colour", "shape", "direction",
             "temporal", "train_tokens_per_s", "s_per_clip"]
     print_table(rows, cols, title="quality vs attention (ShapesWorld, natively trained)")
-    write_result("attention-quality" + (f"-{args.tag}" if args.tag else ""), rows, {"config": args.config, "overrides": args.overrides, "grid": grid,
-                                             "steps": args.steps, "num_clips": args.num_clips,
-                                             "init_from_root": args.init_from_root,
-                                             "skip_train": args.skip_train, "command": " ".join(sys.argv),
-                                             "machine": machine_info()},
-                 launch="python " + " ".join(["scripts/attention_quality.py", *sys.argv[1:]]))
+    meta = {"config": args.config, "overrides": args.overrides, "grid": grid, "steps": args.steps,
+            "num_clips": args.num_clips, "init_from_root": args.init_from_root, "skip_train": args.skip_train,
+            "command": " ".join(sys.argv), "machine": machine_info()}
+    write_result("attention-quality" + (f"-{args.tag}" if args.tag else ""), rows, meta,
+                 launch=" ".join(["python", "scripts/attention_quality.py", *sys.argv[1:]]))
     return 0
 
 

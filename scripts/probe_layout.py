@@ -86,12 +86,13 @@ def x0_prediction(pipe, latents: torch.Tensor, s: float, captions: list[str]) ->
 def shape_gain(pipe, s: float, frames: int, height: int, width: int, jitter: float, base: str = "square",
                pair: tuple[str, str] = ("circle", "square")) -> tuple[float, float]:
     """(cosine, gain) of x0(caption pair[0]) - x0(caption pair[1]) against the true clip difference, at noise s."""
-    combos, videos = real_clips(pipe, base, frames, height, width, jitter)
-    x0 = pipe.vae.encode(videos)
-    pred = {shape: x0_prediction(pipe, x0, s, [f"a {c} {shape} moving {d}" for c, d in combos]) for shape in pair}
+    from vdiff.data.shapes import caption
+
+    videos = {shape: real_clips(pipe, shape, frames, height, width, jitter) for shape in {base, *pair}}
+    combos, x0 = videos[base][0], pipe.vae.encode(videos[base][1])
+    pred = {shape: x0_prediction(pipe, x0, s, [caption(c, shape, d) for c, d in combos]) for shape in pair}
     got = (pred[pair[0]] - pred[pair[1]]).flatten()
-    true = (real_clips(pipe, pair[0], frames, height, width, jitter)[1]
-            - real_clips(pipe, pair[1], frames, height, width, jitter)[1]).flatten()
+    true = (videos[pair[0]][1] - videos[pair[1]][1]).flatten()
     return float(got @ true / (got.norm() * true.norm() + 1e-12)), float(got @ true / (true @ true))
 
 
@@ -99,11 +100,11 @@ def shape_gain(pipe, s: float, frames: int, height: int, width: int, jitter: flo
 def x0_roundness(pipe, s: float, frames: int, height: int, width: int, jitter: float, caption_shape: str,
                  shape: str = "circle") -> tuple[float, int, int]:
     """(median roundness, clips read as `shape`, clips) of the x0 predictions of real `shape` clips noised to s."""
-    from vdiff.data.shapes import video_to_clip
+    from vdiff.data.shapes import caption, video_to_clip
     from vdiff.eval.shapes_eval import read_clip
 
     combos, videos = real_clips(pipe, shape, frames, height, width, jitter)
-    pred = x0_prediction(pipe, pipe.vae.encode(videos), s, [f"a {c} {caption_shape} moving {d}" for c, d in combos])
+    pred = x0_prediction(pipe, pipe.vae.encode(videos), s, [caption(c, caption_shape, d) for c, d in combos])
     readings = [read_clip(video_to_clip(v)) for v in pred.clamp(-1, 1).cpu()]
     values = torch.tensor([r.info.get("roundness", float("nan")) for r in readings])
     return float(values.nanmedian()), sum(r.shape == shape for r in readings), len(readings)

@@ -122,11 +122,13 @@ def test_roundness_probe_reads_the_bundled_models_circles():
     inputs captioned "square" come out squarer: the probe sees both the low-noise detail and the shape word."""
     import probe_layout  # scripts/probe_layout.py
 
+    from train.config import load_recipe
     from vdiff.pipeline import VideoPipeline
 
     pipe = VideoPipeline.from_pretrained(CHECKPOINT)
     dims = (pipe.config.num_frames, pipe.config.height, pipe.config.width)
-    rc, nc, n = probe_layout.x0_roundness(pipe, 0.1, *dims, 0.15, "circle")
-    rs, ns, _ = probe_layout.x0_roundness(pipe, 0.1, *dims, 0.15, "square")
+    jitter = load_recipe(ROOT / "configs" / "train" / "shapes_tiny.yaml", []).data.position_jitter  # its training data
+    rc, nc, n = probe_layout.x0_roundness(pipe, 0.1, *dims, jitter, "circle")
+    rs, ns, _ = probe_layout.x0_roundness(pipe, 0.1, *dims, jitter, "square")
     assert n == 6 and nc >= 4, (rc, nc)
     assert rc > 0.2 and rs < rc - 0.05 and ns < nc, (rc, rs, nc, ns)
