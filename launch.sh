@@ -12,7 +12,10 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # nothing is downloaded at run ti
 export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 export DS_BUILD_OPS="${DS_BUILD_OPS:-0}"       # deepspeed: no kernel builds at install time
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}"
+# The repository root on the path: bench/ and experiments/ are run as modules from the checkout, not installed.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# GPU machines only (the `cuda` extra installs xformers): xformers refuses to import next to a flash-attn newer than
+# the versions it lists, and diffusers imports it at start-up, so without this a newer flash-attn breaks every command.
 export XFORMERS_IGNORE_FLASH_VERSION_CHECK=1
 
 usage() {
@@ -20,8 +23,8 @@ usage() {
 usage: ./launch.sh COMMAND [ARGS...]
 
   setup                 create .venv and install vdiff (CPU torch where there is no GPU; an existing CUDA torch is kept)
-  test [PYTEST ARGS]    run the test suite (installs first if needed)
-  sample --checkpoint DIR --prompt TEXT --out FILE [key=value ...]
+  test [PYTEST ARGS]    lint (ruff) and run the test suite (installs first if needed)
+  sample [--checkpoint DIR] --prompt TEXT --out FILE [key=value ...]
                         generate a video (.mp4/.gif/.webm); ./launch.sh sample --help lists the settings
   train --config FILE [--nproc N] [--nodes N --node-rank R --master-addr HOST --master-port P] [key=value ...]
                         train with torchrun: one process per GPU (--nproc defaults to the GPU count, 1 on CPU);
@@ -77,8 +80,11 @@ setup() {
     # Pin torch to what is installed now, so no dependency can swap it for another build.
     local constraints="$VENV/torch-constraint.txt"
     "$py" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$constraints"
-    echo "[setup] installing vdiff and its dependencies"
-    PIP_CONSTRAINT="$constraints" "$py" -m pip install -q -e "$ROOT[dev]"
+    # GPU-only kernels (xformers) come as the `cuda` extra: on a CPU machine they would only print import warnings.
+    local extras="dev"
+    if has_gpu; then extras="dev,cuda"; fi
+    echo "[setup] installing vdiff and its dependencies (extras: $extras)"
+    PIP_CONSTRAINT="$constraints" "$py" -m pip install -q -e "$ROOT[$extras]"
     echo "$want" >"$stamp"
     echo "[setup] done: $("$py" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
 }
@@ -101,6 +107,8 @@ train_cmd() {
             *) args+=("$1"); shift ;;
         esac
     done
+    # The recipe and overrides are checked once here, so a typo is one line and exit 2, not a torchrun failure report.
+    vpy -m train --check "${args[@]}" || exit 2
     if [ -z "$nproc" ]; then
         nproc="$(vpy -c 'import torch; print(max(1, torch.cuda.device_count()))')"
     fi
@@ -119,6 +127,7 @@ case "$cmd" in
     test)
         ensure_setup
         cd "$ROOT"
+        "$VENV/bin/ruff" check .
         vpy -m pytest -q -rs "$@" ;;
     bench)
         ensure_setup
@@ -141,7 +150,7 @@ case "$cmd" in
     sample)
         ensure_setup
         cd "$ROOT"
-        vpy "$ROOT/scripts/sample.py" "$@" ;;
+        vpy -m vdiff.sample "$@" ;;
     train)
         ensure_setup
         cd "$ROOT"
@@ -149,7 +158,7 @@ case "$cmd" in
     eval)
         ensure_setup
         cd "$ROOT"
-        vpy "$ROOT/scripts/eval.py" "$@" ;;
+        vpy -m vdiff.eval "$@" ;;
     help|-h|--help)
         usage ;;
     *)

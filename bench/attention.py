@@ -1,7 +1,8 @@
 """Sparse video attention vs dense: forward and forward+backward time per method and density, in one run.
 
     ./launch.sh bench attention                  # CPU: grid (8, 32, 32) = 8,192 tokens (all methods) and
-                                                 #      (32, 16, 16) = 8,192 tokens in 32 frames (radial), 4 heads, d=64, fp32
+                                                 #      (32, 16, 16) = 8,192 tokens in 32 frames (radial),
+                                                 #      4 heads, d=64, fp32
     ./launch.sh bench attention --shapes gpu     # GPU: (21, 30, 52) = 32,760 and (21, 45, 80) = 75,600 tokens,
                                                  #      12 heads, d=128, bf16
     ./launch.sh bench attention --grid 4,16,16 --methods radial sliding_tile
@@ -35,6 +36,7 @@ import torch
 from bench.common import median, print_table, time_alternating, write_result
 from vdiff.attention import AttentionContext, MaskCache, available, get_backend, sparse_pattern
 from vdiff.config import AttentionConfig, RadialConfig, SlidingTileConfig, VMoBAConfig
+from vdiff.runtime import default_device
 
 CONFIG_CLASSES = {"radial": RadialConfig, "sliding_tile": SlidingTileConfig, "vmoba": VMoBAConfig}
 STATIC = ("radial", "sliding_tile")  # methods with a gather / reference path of the same block pattern
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     set_name = args.shapes or ("gpu" if device.type == "cuda" else "cpu")
     shapes = SHAPE_SETS[set_name]
     if args.grid:

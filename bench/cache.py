@@ -27,8 +27,9 @@ from bench.common import print_table, write_result
 from vdiff.cache import MaskCacheConfig, StepCacheConfig
 from vdiff.config import AttentionConfig, model_preset
 from vdiff.pipeline import PipelineConfig, VideoPipeline
+from vdiff.runtime import BUNDLED_CHECKPOINT, default_device
 
-CHECKPOINT = Path("checkpoints/shapes-tiny")
+CHECKPOINT = BUNDLED_CHECKPOINT
 # batched in one call; PSNR is over all of them (one video alone gives a noisy error estimate)
 PROMPTS = ["a red circle moving right", "a blue square moving up", "a yellow triangle moving left",
            "a white circle moving down", "a green square moving right", "a magenta triangle moving up",
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="step-cache thresholds for the speed/error curve (comma-separated)")
     p.add_argument("--attention", default="radial",
                    help="self-attention backend for every run (the mask cache only matters for sparse ones)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration; the fastest is reported (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per configuration; the fastest is reported (default 3)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"pipeline folder to measure (default {CHECKPOINT} if present, else random weights)")
     p.add_argument("--seed", type=int, default=0)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     if args.shape == "wan480" and device.type != "cuda":
         raise SystemExit("--shape wan480 needs a GPU (81 x 480 x 832 is 32,760 tokens per frame batch)")
     frames, height, width, steps, _ = SHAPES[args.shape]
@@ -135,7 +137,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     guidance = 5.0
     if weights.startswith("trained"):  # a trained model is measured where it works: its own size, steps, guidance
         c = pipe.config
-        frames, height, width, steps, guidance = c.num_frames, c.height, c.width, c.num_inference_steps, c.guidance_scale
+        frames, height, width, steps, guidance = (
+            c.num_frames, c.height, c.width, c.num_inference_steps, c.guidance_scale
+        )
     steps = args.steps or steps
     prompts = PROMPTS[: args.prompts]
     # a mask cache of its own (nothing else warmed it); each configuration below says exactly which caches it uses
@@ -192,12 +196,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "attn_calls": out.stats.attention.calls,
         })
     title = (f"caches, {args.shape} ({weights}), {frames}x{height}x{width} = {outs['none'].stats.tokens} tokens, "
-             f"{steps} steps, CFG {guidance:g}, {len(prompts)} prompt(s) batched, attention {args.attention}, {device.type}, fastest of {repeats}")
-    print_table(rows, ["cache", "s_per_video", "speedup", "cpu_s_per_video", "cpu_speedup", "psnr_db", "max_abs_u8", "latent_max_abs", "steps_skipped",
-                       "attn_calls"], title=title)
-    write_result(f"cache-{args.tag}" if args.tag else "cache", rows, {"shape": args.shape, "weights": weights, "frames": frames, "height": height,
+             f"{steps} steps, CFG {guidance:g}, {len(prompts)} prompt(s) batched, attention {args.attention}, "
+             f"{device.type}, fastest of {repeats}")
+    print_table(rows, ["cache", "s_per_video", "speedup", "cpu_s_per_video", "cpu_speedup", "psnr_db", "max_abs_u8",
+                       "latent_max_abs", "steps_skipped", "attn_calls"], title=title)
+    write_result(f"cache-{args.tag}" if args.tag else "cache", rows, {"shape": args.shape, "weights": weights,
+                                 "frames": frames, "height": height,
                                  "width": width, "steps": steps, "attention": args.attention, "repeats": repeats,
-                                 "prompts": prompts, "guidance": guidance, "seed": args.seed, "tokens": outs["none"].stats.tokens,
+                                 "prompts": prompts, "guidance": guidance, "seed": args.seed,
+                                 "tokens": outs["none"].stats.tokens,
                                  "threads": torch.get_num_threads(),
                                  "step_warmup": args.step_warmup, "max_skips": args.max_skips})
     return rows

@@ -67,7 +67,9 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, device: torch.device | str | None = None) -> list[float]:
+def time_call(
+    fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, device: torch.device | str | None = None
+) -> list[float]:
     """Seconds per call for `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -130,7 +132,8 @@ def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | N
                  launch: str | None = None) -> Path:
     """Write bench/results/<name>-<machine>.json with the rows, the machine, versions and the command line.
 
-    `launch`: the command that reruns it, when it is not `./launch.sh bench <name> ARGS` (a script under scripts/)."""
+    `launch`: the command that reruns it, when it is not `./launch.sh bench <name> ARGS` (a driver under
+    experiments/)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{machine_tag()}.json"
     payload = {

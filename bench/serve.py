@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import tempfile
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import machine_info, print_table, time_alternating, write_result
+from vdiff.runtime import free_port
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.close()
     print_table(rows, ["measurement", "clients", "median_s", "min_s", "overhead_pct", "overhead_min_pct", "req_per_s"],
-                title=f"serve: {args.frames}x{args.size}x{args.size}, {args.steps} steps, devices {server.pool.devices}")
+                title=f"serve: {args.frames}x{args.size}x{args.size}, {args.steps} steps, "
+                      f"devices {server.pool.devices}")
     overhead, client_overhead = rows[2]["overhead_pct"], rows[3]["overhead_pct"]
     print(f"server overhead vs a direct call (median): {overhead:+.1f}% over raw HTTP, {client_overhead:+.1f}% "
           f"through gradio_client (goal <= 5%)")
@@ -106,12 +107,6 @@ def main(argv: list[str] | None = None) -> None:
                                  "overhead_pct": overhead, "gradio_client_overhead_pct": client_overhead,
                                  "goal_overhead_pct": 5.0,
                                  "torch_threads": machine_info()["torch_threads"]})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _throughput(url: str, clients: int, per_client: int, kw: dict, client_cls) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 from bench.common import median, print_table, time_alternating, write_result
 from vdiff.config import model_preset
+from vdiff.runtime import default_device
 
 SHAPES = {
     # name: (preset, latent (F, H, W), batch, text tokens, dtype)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from vdiff.models.dit import VideoDiT
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     shape = args.shape or ("wan480" if device.type == "cuda" else "tiny")
     preset, latent, batch, text_len, dtype_name = SHAPES[shape]
     dtype = getattr(torch, dtype_name)
@@ -53,11 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ours.load_state_dict(ref.state_dict())
     ref.to(device, dtype)
     ours.to(device, dtype)
-    ours.set_attention(args.kernel if args.kernel != "sdpa" else "dense")
-    if args.kernel != "sdpa":
-        from vdiff.config import AttentionConfig
-
-        ours.set_attention(AttentionConfig(kernel=args.kernel))
+    ours.set_attention(args.kernel)  # a dense kernel name: sdpa | flex | xformers | flash
 
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(batch, cfg.in_channels, *latent, generator=g).to(device, dtype)

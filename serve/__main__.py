@@ -13,8 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "checkpoints" / "shapes-tiny"
+from serve.validation import DEFAULT_MAX_STEPS
+from vdiff.runtime import BUNDLED_CHECKPOINT as BUNDLED
+
+ROOT = BUNDLED.parent.parent  # the checkout
 DEMO_FALLBACK = ROOT / "outputs" / "demo-pipeline"
 
 
@@ -40,14 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="videos kept in the server's temp area; older ones are deleted (default 64)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="largest request in latent tokens (frames x height x width after VAE and patching)")
-    p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
+                   help=f"most denoising steps a request may ask for (default {DEFAULT_MAX_STEPS})")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
 def demo_checkpoint() -> tuple[Path, str | None]:
     """The bundled tiny model, or (made once) a tiny random-weight pipeline and a banner that says so."""
-    if any((BUNDLED / name).is_file() for name in ("vdiff.json", "vdiff.yaml", "model_index.json")):
+    from vdiff.pipeline_io import is_pipeline_folder
+
+    if is_pipeline_folder(BUNDLED):
         return BUNDLED, None
     banner = (f"**Demo with UNTRAINED weights.** The bundled model `{BUNDLED.relative_to(ROOT)}` is not in this "
               f"checkout, so this is a tiny pipeline with random weights (`{DEMO_FALLBACK.relative_to(ROOT)}`): "

@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from serve.validation import RANDOM_SEED, Limits, RequestError, limits_for, validate_request
-from serve.worker import Cancelled, GenerationFailed, Job, OutOfMemory, OutputStore, ServerBusy, StepHook, WorkerPool
+from serve.validation import DEFAULT_MAX_STEPS, RANDOM_SEED, Limits, RequestError, limits_for, validate_request
+from serve.worker import GenerationFailed, Job, OutOfMemory, OutputStore, ServerBusy, StepHook, WorkerPool
+from vdiff.diffusion.sampling import Cancelled
 
 log = logging.getLogger("vdiff.serve")
 
@@ -98,9 +99,9 @@ def format_stats(stats: dict[str, Any]) -> str:
 def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to video", banner: str | None = None,
               examples: Sequence[str] = DEFAULT_EXAMPLES, defaults: dict[str, Any] | None = None) -> gr.Blocks:
     """The page and its `/generate` endpoint. `defaults` sets initial values (num_frames, height, steps, ...)."""
-    d = {"num_inference_steps": limits.default_steps, "guidance_scale": limits.default_guidance,
-         "num_frames": limits.default_frames, "height": limits.default_height, "width": limits.default_width,
-         "cache": list(limits.default_cache)}
+    g = limits.generation
+    d = {"num_inference_steps": g.default_steps, "guidance_scale": g.default_guidance, "num_frames": g.default_frames,
+         "height": g.default_height, "width": g.default_width, "cache": list(limits.default_cache)}
     d.update(defaults or {})
 
     with gr.Blocks(title=title, delete_cache=(600, 3600)) as demo:
@@ -117,10 +118,10 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
                     seed = gr.Dropdown(label="Seed", choices=[RANDOM_SEED], value=RANDOM_SEED, allow_custom_value=True,
                                        info="\"random\" or an integer", elem_id="vdiff-seed")
                     num_inference_steps = gr.Number(label="Steps", value=d["num_inference_steps"], precision=None,
-                                                    info=f"{limits.min_steps} to {limits.max_steps}",
+                                                    info=f"{limits.steps.min} to {limits.steps.max}",
                                                     elem_id="vdiff-steps")
                     guidance_scale = gr.Number(label="Guidance", value=d["guidance_scale"], precision=None,
-                                               info=f"{limits.min_guidance:g} to {limits.max_guidance:g}",
+                                               info=f"{g.guidance[0]:g} to {g.guidance[1]:g}",
                                                elem_id="vdiff-guidance")
                 with gr.Row():  # resolution: only sizes the model supports
                     num_frames = gr.Dropdown(label="Frames", choices=list(limits.frame_choices),
@@ -260,7 +261,7 @@ class RunningServer:
 
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 7860, devices: Sequence[str] | None = None,
-          max_queue: int = 8, max_outputs: int = 64, max_tokens: int | None = None, max_steps: int = 100,
+          max_queue: int = 8, max_outputs: int = 64, max_tokens: int | None = None, max_steps: int = DEFAULT_MAX_STEPS,
           auth: tuple[str, str] | None = None, banner: str | None = None, block: bool = True, quiet: bool = False,
           step_hooks: Sequence[StepHook] = ()) -> RunningServer:
     """Load the checkpoint once per device, build the page and serve it on host:port.

@@ -9,51 +9,62 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-CACHE_NAMES = ("text_kv", "mask", "step", "prompt")
+from vdiff.limits import GenerationLimits, Span
+
 RANDOM_SEED = "random"
 MAX_SEED = 2**32 - 1
+# The server's own bounds on one request, on top of what the pipeline accepts (`./launch.sh serve --help`).
+DEFAULT_MAX_STEPS = 100
+DEFAULT_MAX_PROMPT_CHARS = 500
+DEFAULT_MAX_TOKENS = {"cuda": 80_000, "cpu": 4096}  # 720p x 81 frames is 75,600 tokens
 
 
 class RequestError(ValueError):
     """A request value is missing, of the wrong type or out of range; the message names the parameter."""
 
 
+def _cache_names() -> tuple[str, ...]:
+    """Every cache vdiff has. Imported when a Limits is built, not with this module: vdiff.cache loads diffusers,
+    and `python -m serve --help` reads this module's defaults."""
+    from vdiff.cache import CACHE_NAMES
+
+    return CACHE_NAMES
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The ranges a server accepts. `frame_choices` / `size_choices` are what the model supports (UI dropdowns)."""
+    """What this server accepts: the pipeline's own rules and defaults (`generation`, from `VideoPipeline.limits`)
+    narrowed by the server's bounds on the work of one request, plus what the page offers in its dropdowns."""
 
-    frame_choices: tuple[int, ...] = (8, 16)
-    size_choices: tuple[int, ...] = (32,)
-    min_frames: int = 1
-    max_frames: int = 16
-    min_size: int = 8
-    max_size: int = 32
-    size_multiple: int = 8          # height and width must be multiples of VAE stride x patch size
-    frame_multiple: int = 1         # Wan's VAE needs 4k + 1 frames; pixel patches take any count
-    frame_offset: int = 0
-    max_tokens: int = 4096          # bounds the work (and memory) one request can ask for
-    tokens_per_frame_pixel: tuple[int, int, int] = (1, 8, 8)  # (t, h, w) divisors from pixels to tokens
-    min_steps: int = 1
-    max_steps: int = 100
-    min_guidance: float = 1.0
-    max_guidance: float = 20.0
-    max_prompt_chars: int = 500
+    generation: GenerationLimits
+    frame_choices: tuple[int, ...] = ()  # UI dropdowns: sizes the model supports and max_tokens allows
+    size_choices: tuple[int, ...] = ()
+    max_tokens: int = DEFAULT_MAX_TOKENS["cpu"]  # bounds the work (and memory) one request can ask for
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     attention_choices: tuple[str, ...] = ("dense",)
     default_attention: str = "dense"
-    cache_choices: tuple[str, ...] = CACHE_NAMES
+    cache_choices: tuple[str, ...] = field(default_factory=_cache_names)
     default_cache: tuple[str, ...] = ()
-    default_steps: int = 30
-    default_guidance: float = 5.0
-    default_frames: int = 16
-    default_height: int = 32
-    default_width: int = 32
 
-    def token_count(self, num_frames: int, height: int, width: int) -> int:
-        dt, dh, dw = self.tokens_per_frame_pixel
-        return math.ceil(num_frames / dt) * (height // dh) * (width // dw)
+    @property
+    def steps(self) -> Span:
+        g = self.generation.steps
+        return Span(g.min, min(self.max_steps, g.max))
+
+    @property
+    def sides(self) -> Span:
+        return _sides(self.generation)
+
+
+def _sides(g: GenerationLimits) -> Span:
+    """One range for height and width: the page offers one list of sizes for both."""
+    if g.height.multiple != g.width.multiple:
+        raise ValueError("the server needs the same pixel multiple for height and width")
+    return Span(max(g.height.min, g.width.min), min(g.height.max, g.width.max), g.height.multiple)
 
 
 @dataclass(frozen=True)
@@ -93,41 +104,33 @@ def _fmt(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _integer(name: str, value: Any, lo: int, hi: int) -> int:
-    """An int in [lo, hi]; integral floats (8.0, as JSON numbers often arrive) are accepted, 8.5 is not."""
+def _number(name: str, value: Any, lo: float, hi: float, *, integer: bool = False) -> Any:
+    """A number in [lo, hi], from a number or its text (JSON and form values arrive either way). With `integer`,
+    integral floats (8.0) are accepted and returned as int, 8.5 is not."""
+    kind, bounds = ("an integer", f"[{lo}, {hi}]") if integer else ("a number", f"[{lo:g}, {hi:g}]")
+
+    def bad(got: Any, what: str = kind) -> RequestError:
+        return RequestError(f"{name} must be {what} in {bounds}, got {got}")
+
     if isinstance(value, bool) or value is None:
-        raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {_fmt(value)}")
+        raise bad(_fmt(value))
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {_fmt(value)}") from None
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {_fmt(value)}")
-        value = int(value)
-    if not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {type(value).__name__} {_fmt(value)}")
-    if not lo <= value <= hi:
-        raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _number(name: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or value is None:
-        raise RequestError(f"{name} must be a number in [{lo:g}, {hi:g}], got {_fmt(value)}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise RequestError(f"{name} must be a number in [{lo:g}, {hi:g}], got {_fmt(value)}") from None
+            raise bad(_fmt(value)) from None
     if not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be a number in [{lo:g}, {hi:g}], got {type(value).__name__} {_fmt(value)}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise RequestError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {value}")
+        raise bad(f"{type(value).__name__} {_fmt(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad(_fmt(value), kind if integer else "a finite number")
+    if integer:
+        if value != int(value):
+            raise bad(_fmt(value))
+        value = int(value)
+    else:
+        value = float(value)
     if not lo <= value <= hi:
-        raise RequestError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value:g}")
+        raise bad(value if integer else f"{value:g}")
     return value
 
 
@@ -152,9 +155,10 @@ def _seed(value: Any, rng: random.Random) -> int:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == -1:
         return rng.randint(0, MAX_SEED)
     try:
-        return _integer("seed", value, 0, MAX_SEED)
+        return _number("seed", value, 0, MAX_SEED, integer=True)
     except RequestError:
-        raise RequestError(f"seed must be \"random\" (or -1) or an integer in [0, {MAX_SEED}], got {_fmt(value)}") from None
+        raise RequestError(f"seed must be \"random\" (or -1) or an integer in [0, {MAX_SEED}], "
+                           f"got {_fmt(value)}") from None
 
 
 def _cache(value: Any, limits: Limits) -> tuple[str, ...]:
@@ -163,7 +167,8 @@ def _cache(value: Any, limits: Limits) -> tuple[str, ...]:
     if value is None:
         return limits.default_cache
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise RequestError(f"cache must be a list of names from {list(choices)}, got {type(value).__name__} {_fmt(value)}")
+        raise RequestError(f"cache must be a list of names from {list(choices)}, "
+                           f"got {type(value).__name__} {_fmt(value)}")
     names = []
     for item in value:
         if not isinstance(item, str) or item not in choices:
@@ -173,26 +178,40 @@ def _cache(value: Any, limits: Limits) -> tuple[str, ...]:
     return tuple(names)
 
 
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()  # an argument left out: the pipeline's default (an explicit None is a bad value)
+
+
 def validate_request(limits: Limits, *, prompt: Any, negative_prompt: Any = None, seed: Any = RANDOM_SEED,
-                     num_inference_steps: Any = 30, guidance_scale: Any = 5.0, num_frames: Any = 16,
-                     height: Any = 32, width: Any = 32, attention: Any = None, cache: Any = None,
+                     num_inference_steps: Any = DEFAULT, guidance_scale: Any = DEFAULT, num_frames: Any = DEFAULT,
+                     height: Any = DEFAULT, width: Any = DEFAULT, attention: Any = None, cache: Any = None,
                      rng: random.Random | None = None) -> GenerationRequest:
     """Check every value against `limits`; raise `RequestError` naming the first bad parameter."""
+    g = limits.generation
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is DEFAULT else value
+
     prompt_text = _text("prompt", prompt, limits.max_prompt_chars, required=True)
     negative_text = _text("negative_prompt", negative_prompt, limits.max_prompt_chars, required=False)
-    steps = _integer("num_inference_steps", num_inference_steps, limits.min_steps, limits.max_steps)
-    guidance = _number("guidance_scale", guidance_scale, limits.min_guidance, limits.max_guidance)
-    frames = _integer("num_frames", num_frames, limits.min_frames, limits.max_frames)
-    if (frames - limits.frame_offset) % limits.frame_multiple:
-        raise RequestError(f"num_frames must be {limits.frame_multiple}k + {limits.frame_offset} "
-                           f"in [{limits.min_frames}, {limits.max_frames}], got {frames}")
-    h = _integer("height", height, limits.min_size, limits.max_size)
-    w = _integer("width", width, limits.min_size, limits.max_size)
+    steps = _number("num_inference_steps", given(num_inference_steps, g.default_steps), limits.steps.min,
+                    limits.steps.max, integer=True)
+    guidance = _number("guidance_scale", given(guidance_scale, g.default_guidance), *g.guidance)
+    frames = _number("num_frames", given(num_frames, g.default_frames), g.frames.min, g.frames.max, integer=True)
+    if frames not in g.frames:
+        raise RequestError(f"num_frames must be {g.frames.multiple}k + {g.frames.offset} "
+                           f"in [{g.frames.min}, {g.frames.max}], got {frames}")
+    sides = limits.sides
+    h = _number("height", given(height, g.default_height), sides.min, sides.max, integer=True)
+    w = _number("width", given(width, g.default_width), sides.min, sides.max, integer=True)
     for name, v in (("height", h), ("width", w)):
-        if v % limits.size_multiple:
-            raise RequestError(f"{name} must be a multiple of {limits.size_multiple} in "
-                               f"[{limits.min_size}, {limits.max_size}], got {v}")
-    tokens = limits.token_count(frames, h, w)
+        if v not in sides:
+            raise RequestError(f"{name} must be a multiple of {sides.multiple} in [{sides.min}, {sides.max}], got {v}")
+    tokens = g.token_count(frames, h, w)
     if tokens > limits.max_tokens:
         raise RequestError(f"num_frames x height x width = {frames} x {h} x {w} is {tokens} tokens; this server "
                            f"allows at most {limits.max_tokens}: ask for fewer frames or a smaller size")
@@ -209,46 +228,27 @@ def validate_request(limits: Limits, *, prompt: Any, negative_prompt: Any = None
     )
 
 
-
-def limits_for(pipe: Any, device: str = "cpu", *, max_tokens: int | None = None, max_steps: int = 100,
-               max_prompt_chars: int = 500) -> Limits:
-    """What this server accepts for `pipe` on `device`: the pipeline's own ranges (`pipe.limits()`), the sparse
-    attention backends that can run on `device`, and two server bounds on the work per request (tokens, steps)."""
+def limits_for(pipe: Any, device: str = "cpu", *, max_tokens: int | None = None, max_steps: int = DEFAULT_MAX_STEPS,
+               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> Limits:
+    """What this server accepts for `pipe` on `device`: the pipeline's own rules (`pipe.limits`), its enabled caches,
+    the sparse attention backends that can run on `device`, and two server bounds on the work per request."""
     from vdiff.attention import available
 
-    lim = pipe.limits()
-    frames, side = lim["num_frames"], lim["height"]
-    if lim["width"]["multiple_of"] != side["multiple_of"]:
-        raise ValueError("the server needs the same pixel multiple for height and width")
-    multiple = side["multiple_of"]
-    tokens_div = (pipe.vae.stride[0] * pipe.transformer.config.patch_size[0], multiple, multiple)
+    g: GenerationLimits = pipe.limits
+    sides = _sides(g)
     if max_tokens is None:
-        max_tokens = 80_000 if str(device).startswith("cuda") else 4096  # 720p x 81 frames is 75,600 tokens
-    wan_frames = "k+1" in frames["rule"]
-    frame_multiple, frame_offset = (tokens_div[0], 1) if wan_frames else (tokens_div[0], 0)
-    d_frames, d_side = frames["default"], max(lim["height"]["default"], lim["width"]["default"])
-
-    def tokens(f: int, s: int) -> int:
-        return math.ceil(f / tokens_div[0]) * (s // multiple) ** 2
-
-    max_size = min(side["max"], lim["width"]["max"])
+        max_tokens = DEFAULT_MAX_TOKENS["cuda" if str(device).startswith("cuda") else "cpu"]
+    d_frames, d_side = g.default_frames, max(g.default_height, g.default_width)
     size_choices = sorted({s for s in (d_side // 2, d_side, d_side * 3 // 2, d_side * 2)
-                           if s % multiple == 0 and side["min"] <= s <= max_size and tokens(frames["min"], s) <= max_tokens}
-                          | {d_side})
+                           if s in sides and g.token_count(g.frames.min, s, s) <= max_tokens} | {d_side})
+    smallest = min(size_choices)
     frame_choices = sorted({f for f in (d_frames // 2, d_frames, d_frames * 2)
-                            if frames["min"] <= f <= frames["max"] and (f - frame_offset) % frame_multiple == 0
-                            and tokens(f, min(size_choices)) <= max_tokens} | {d_frames})
+                            if f in g.frames and g.token_count(f, smallest, smallest) <= max_tokens} | {d_frames})
     sparse = [name for name, status in available(device).items() if status.sparse and status.available]
     configured = pipe.config.attention.backend
     return Limits(
-        frame_choices=tuple(frame_choices), size_choices=tuple(size_choices),
-        min_frames=frames["min"], max_frames=frames["max"], min_size=side["min"], max_size=max_size,
-        size_multiple=multiple, frame_multiple=frame_multiple, frame_offset=frame_offset, max_tokens=max_tokens,
-        tokens_per_frame_pixel=tokens_div, max_steps=min(max_steps, lim["num_inference_steps"]["max"]),
-        min_guidance=float(lim["guidance_scale"]["min"]), max_guidance=float(lim["guidance_scale"]["max"]),
-        max_prompt_chars=max_prompt_chars, attention_choices=tuple(dict.fromkeys(["dense", configured, *sparse])),
-        default_attention=configured, cache_choices=tuple(lim["cache"]["allowed"]),
-        default_cache=tuple(lim["cache"]["default"]), default_steps=lim["num_inference_steps"]["default"],
-        default_guidance=float(lim["guidance_scale"]["default"]), default_frames=d_frames,
-        default_height=lim["height"]["default"], default_width=lim["width"]["default"],
+        generation=g, frame_choices=tuple(frame_choices), size_choices=tuple(size_choices), max_tokens=max_tokens,
+        max_steps=min(max_steps, g.steps.max), max_prompt_chars=max_prompt_chars,
+        attention_choices=tuple(dict.fromkeys(["dense", configured, *sparse])), default_attention=configured,
+        default_cache=tuple(pipe.caches),
     )

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from serve.validation import GenerationRequest, RequestError
+from vdiff.diffusion.sampling import Cancelled
 
 log = logging.getLogger("vdiff.serve")
 
@@ -47,10 +48,6 @@ class GenerationFailed(RuntimeError):
 
 class OutOfMemory(GenerationFailed):
     """The device ran out of memory for this request; the worker freed what it could and keeps serving."""
-
-
-class Cancelled(GenerationFailed):
-    """The client cancelled or disconnected; the pipeline stopped at the next denoising step."""
 
 
 def default_devices() -> list[str]:
@@ -337,7 +334,9 @@ class WorkerPool:
             path = self.store.new_path(f".{self.video_format}")
             out.save(path)
             self.store.add(path)
-        except (Cancelled, GenerationFailed):
+        except Cancelled as exc:  # the pipeline stopped at the step callback, or the job was cancelled in its last step
+            raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps") from exc
+        except GenerationFailed:
             raise
         except RequestError:
             raise

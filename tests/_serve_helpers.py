@@ -6,7 +6,6 @@ through `serve.app.serve`, exactly as `./launch.sh serve --checkpoint DIR` does.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -27,12 +26,6 @@ def save_tiny_pipeline(path: Path) -> Path:
 
     pipe = VideoPipeline.from_model_config(model_preset("tiny", num_layers=2), seed=0)
     return pipe.save_pretrained(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StepControl:

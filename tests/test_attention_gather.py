@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vdiff.attention import AttentionContext, AttentionStats, MaskCache, get_backend, sparse_pattern
-from vdiff.attention.blocksparse import choose_impl, gather_attention, gather_plan, shared_key_sets
 from vdiff.attention.dense import reference_attention
+from vdiff.attention.gather import gather_attention, gather_plan, shared_key_sets
+from vdiff.attention.policy import choose_impl
 from vdiff.attention.radial import radial_gather_plan
 from vdiff.config import AttentionConfig, RadialConfig, SlidingTileConfig
 from vdiff.models.dit import VideoDiT
@@ -28,7 +29,9 @@ TILE = [
 
 
 def _radial_cfg(decay, bs, sink, impl="gather"):
-    return AttentionConfig(backend="radial", impl=impl, radial=RadialConfig(decay_factor=decay, block_size=bs, sink=sink))
+    return AttentionConfig(
+        backend="radial", impl=impl, radial=RadialConfig(decay_factor=decay, block_size=bs, sink=sink)
+    )
 
 
 def _tile_cfg(tile, window, impl="gather"):
@@ -81,9 +84,9 @@ def test_sliding_tile_gather_equals_float64_reference(grid, tile, window):
 def test_matmul_path_equals_float64_reference(monkeypatch, share_tokens):
     """The forward and backward used off CPU (plain matmuls with the log-sum-exp, no CPU flash kernel) are exact too,
     with and without split key sets."""
-    from vdiff.attention import blocksparse
+    from vdiff.attention import gather as gather_kernel
 
-    monkeypatch.setattr(blocksparse, "_cpu_flash", lambda q: False)
+    monkeypatch.setattr(gather_kernel, "_cpu_flash", lambda q: False)
     grid, decay, bs, sink = RADIAL[0]
     length = grid[0] * grid[1] * grid[2]
     pattern = sparse_pattern("radial", grid, decay_factor=decay, block_size=bs, sink=sink)
@@ -141,14 +144,15 @@ def test_shared_key_sets_follow_the_gather_cost():
 
 
 def test_auto_runs_gather_on_cpu_for_inference_and_training():
-    q = torch.randn(1, 8, 1, 4)
-    assert choose_impl("radial", "auto", q) == "gather"
-    assert choose_impl("radial", "auto", q.requires_grad_()) == "gather"
+    assert choose_impl("radial", "auto", "cpu", needs_grad=False) == "gather"
+    assert choose_impl("radial", "auto", "cpu", needs_grad=True) == "gather"
     grid, decay, bs, sink = RADIAL[2]
     length = grid[0] * grid[1] * grid[2]
     q, k, v = (torch.randn(1, length, 2, 8) for _ in range(3))
     backend = get_backend("radial", "cpu")
-    auto = backend.forward(q, k, v, AttentionContext(grid, _radial_cfg(decay, bs, sink, "auto"), mask_cache=MaskCache()))
+    auto = backend.forward(
+        q, k, v, AttentionContext(grid, _radial_cfg(decay, bs, sink, "auto"), mask_cache=MaskCache())
+    )
     gather = backend.forward(q, k, v, AttentionContext(grid, _radial_cfg(decay, bs, sink), mask_cache=MaskCache()))
     assert torch.equal(auto, gather)
 

@@ -7,7 +7,7 @@ import torch
 from vdiff.attention import AttentionContext, BackendUnavailable, MaskCache, available, get_backend, sparse_pattern
 from vdiff.attention.blocksparse import reduce_to_blocks
 from vdiff.attention.dense import reference_attention
-from vdiff.attention.sliding_tile import TileLayout, TileOptions
+from vdiff.attention.sliding_tile import TileLayout, tile_options
 from vdiff.config import AttentionConfig, SlidingTileConfig
 
 CASES = [
@@ -44,13 +44,15 @@ def test_window_centre_clamped_known_answer():
     assert torch.equal(tiles_attended, expected.bool())
 
 
-@pytest.mark.parametrize("grid,tile,window", CASES + [((3, 5, 9), (2, 2, 4), (3, 1, 2)), ((2, 3, 3), (4, 4, 4), (3, 3, 3))])
+@pytest.mark.parametrize(
+    "grid,tile,window", CASES + [((3, 5, 9), (2, 2, 4), (3, 1, 2)), ((2, 3, 3), (4, 4, 4), (3, 3, 3))]
+)
 def test_pattern_matches_rule_and_properties(grid, tile, window):
     pattern = sparse_pattern("sliding_tile", grid, tile=tile, window=window)
     mask = pattern.mask()
     assert torch.equal(mask, _literal_mask(grid, tile, window))
     assert pattern.density == pytest.approx(mask.double().mean().item(), abs=1e-12)
-    layout = TileLayout(grid, TileOptions.make(tile=tile, window=window))
+    layout = TileLayout(grid, tile_options(tile=tile, window=window))
     # every query tile attends the same number of tiles, also with partial tiles and clamped windows
     per_tile = layout.allowed.sum(1)
     assert (per_tile == pattern.info["tiles_attended"]).all()
@@ -79,7 +81,7 @@ def test_token_order_is_tile_major(grid, tile):
 
 def test_block_grids_cover_exactly_the_pattern():
     grid, tile, window = CASES[1]
-    layout = TileLayout(grid, TileOptions.make(tile=tile, window=window))
+    layout = TileLayout(grid, tile_options(tile=tile, window=window))
     mask_tm = layout.mask_tile_major()
     any_blocks, full_blocks = layout.block_grids(32)
     assert torch.equal(any_blocks, reduce_to_blocks(mask_tm, 32))

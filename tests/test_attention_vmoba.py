@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vdiff.attention import AttentionContext, available, dispatch, get_backend, sparse_pattern, vmoba
+from vdiff.attention import AttentionContext, AttentionStats, available, dispatch, sparse_pattern, vmoba
 from vdiff.attention.dense import reference_attention, sdpa_attention
 from vdiff.attention.vmoba import chunk_layout, vmoba_options
 from vdiff.config import AttentionConfig, VMoBAConfig
@@ -127,13 +127,14 @@ def test_gather_and_reference_compute_exactly_the_pattern(layer, variant):
     for impl in ("gather", "reference"):
         qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
         ctx = _ctx(opts, layer, impl)
+        ctx.stats = AttentionStats()
         out = dispatch(qi, ki, vi, ctx)
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4, msg=f"{impl} forward")
         grads = torch.autograd.grad(out, (qi, ki, vi), grad_out.float())
         for name, g, w in zip("qkv", grads, want_grads):
             torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=1e-4, msg=f"{impl} d{name}")
-        assert get_backend("vmoba").last_impl == impl
-        assert get_backend("vmoba").density(ctx) == pytest.approx(mask.float().mean().item(), abs=1e-6)
+        assert ctx.stats.by_impl == {f"vmoba:{impl}": 1}  # the call ran the path asked for
+        assert ctx.stats.density == pytest.approx(mask.float().mean().item(), abs=1e-6)
 
 
 def test_gather_batch_and_heads_are_independent(monkeypatch):

@@ -1,14 +1,24 @@
 """VMoBA's FlexAttention path: the block mask computes exactly `sparse_pattern("vmoba", ...).mask()` (token level,
 every partition, topk and threshold selection), its forward equals float64 masked attention on CPU, and impl
-selection says which path runs where (CPU: flex forward only, via impl=fast; auto runs gather there). One small shape, so
-compiled Flex compiles once for the whole file (the selection is padded to the same chunk count for every layer)."""
+selection says which path runs where (CPU: flex forward only, via impl=fast; auto runs gather there). One small
+shape, so compiled Flex compiles once for the whole file (the selection is padded to the same chunk count for every
+layer)."""
 
 import math
 
 import pytest
 import torch
 
-from vdiff.attention import AttentionContext, BackendUnavailable, dispatch, get_backend, sparse_pattern, vmoba
+from vdiff.attention import (
+    AttentionContext,
+    AttentionStats,
+    BackendUnavailable,
+    dispatch,
+    get_backend,
+    policy,
+    sparse_pattern,
+    vmoba,
+)
 from vdiff.attention.dense import reference_attention
 from vdiff.attention.vmoba import vmoba_options
 from vdiff.config import AttentionConfig
@@ -101,20 +111,20 @@ def test_flex_forward_equals_reference_on_cpu(variant):
     """impl=fast runs flex on CPU without grad (impl=auto runs gather there): both == float64 attention restricted
     to `.mask()`, and the density the backend reports is the pattern's."""
     opts = {**CHUNKS, **VARIANTS[variant]}
-    backend = get_backend("vmoba")
     for layer in range(3):
         q, k, v = _qkv(seed=10 + layer)
         patterns = [sparse_pattern("vmoba", GRID, q=q[b:b + 1], k=k[b:b + 1], layer=layer, **opts) for b in range(2)]
         want = torch.cat([reference_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], patterns[b].mask())
                           for b in range(2)])
         assert (want - reference_attention(q, k, v)).abs().max() > 1e-2  # the selection really changes the output
-        for impl, path in (("fast", "flex"), ("auto", "gather")):
+        for impl, path in (("fast", "fast"), ("auto", "gather")):
             ctx = _ctx(opts, layer, impl)
+            ctx.stats = AttentionStats()
             with torch.no_grad():
                 out = dispatch(q, k, v, ctx)
-            assert backend.last_impl == path
+            assert ctx.stats.by_impl == {f"vmoba:{path}": 1}
             torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4, msg=f"layer {layer} {impl}")
-            assert backend.density(ctx) == pytest.approx(sum(p.density for p in patterns) / 2, abs=1e-6)
+            assert ctx.stats.density == pytest.approx(sum(p.density for p in patterns) / 2, abs=1e-6)
 
 
 def test_cpu_training_runs_gather_and_fast_raises(monkeypatch):
@@ -122,16 +132,18 @@ def test_cpu_training_runs_gather_and_fast_raises(monkeypatch):
     opts = {**CHUNKS, **VARIANTS["topk"]}
     q, k, v = (t.requires_grad_() for t in _qkv(seed=3))
     backend = get_backend("vmoba")
-    out = dispatch(q, k, v, _ctx(opts, 2, "auto"))
-    assert backend.last_impl == "gather"
+    ctx = _ctx(opts, 2, "auto")
+    ctx.stats = AttentionStats()
+    out = dispatch(q, k, v, ctx)
+    assert ctx.stats.by_impl == {"vmoba:gather": 1}
     out.square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
     with pytest.raises(BackendUnavailable, match="no backward on CPU"):
         dispatch(q, k, v, _ctx(opts, 2, "fast"))
     assert backend.implementation("auto", "cpu", needs_grad=False) == "gather"  # measured faster on CPU
-    assert backend.implementation("fast", "cpu", needs_grad=False) == "flex"
-    monkeypatch.setattr(vmoba, "AUTO_FLEX_ON_CPU", True)
-    assert backend.implementation("auto", "cpu", needs_grad=False) == "flex"
+    assert backend.implementation("fast", "cpu", needs_grad=False) == "fast"
+    monkeypatch.setattr(policy, "AUTO_FAST_ON_CPU", True)
+    assert backend.implementation("auto", "cpu", needs_grad=False) == "fast"
     assert backend.implementation("auto", "cpu", needs_grad=True) == "gather"
     assert backend.implementation("reference", "cpu", needs_grad=True) == "reference"
     with pytest.raises(ValueError, match="attention.impl"):
@@ -150,8 +162,10 @@ def test_flex_backward_equals_reference_on_gpu(layer):
     results = {}
     for impl in ("fast", "reference"):
         qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
-        out = dispatch(qi, ki, vi, _ctx(opts, layer, impl))
-        assert get_backend("vmoba").last_impl == ("flex" if impl == "fast" else "reference")
+        ctx = _ctx(opts, layer, impl)
+        ctx.stats = AttentionStats()
+        out = dispatch(qi, ki, vi, ctx)
+        assert ctx.stats.by_impl == {f"vmoba:{impl}": 1}
         grads = torch.autograd.grad(out, (qi, ki, vi), grad_out)
         results[impl] = (out, *grads)
     for name, got, want in zip(("out", "dq", "dk", "dv"), results["fast"], results["reference"]):

@@ -1,6 +1,6 @@
 """The page in a real browser: headless Chromium loads it, runs a generation, and a screenshot is saved.
 
-Needs Debian's `chromium` and `chromium-driver` (serve/install_browser.sh) and selenium. Without them the test skips
+Needs Debian's `chromium` and `chromium-driver` (.ci/install_browser.sh) and selenium. Without them the test skips
 with the reason, except under CI (CI=true), where it fails: CI must run it for real.
 The screenshot goes to test-artifacts/browser-generation.png; VDIFF_UPDATE_SCREENSHOT=1 also writes
 docs/screenshot.png (the one in the README).
@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _serve_helpers import decode_video, free_port, save_tiny_pipeline
+from _serve_helpers import decode_video, save_tiny_pipeline
 
 from serve.app import serve
+from vdiff.runtime import BUNDLED_CHECKPOINT, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -29,7 +30,7 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "-
 
 def _missing() -> str | None:
     if CHROMIUM is None or CHROMEDRIVER is None:
-        return "headless Chromium not installed (run serve/install_browser.sh: Debian chromium + chromium-driver)"
+        return "headless Chromium not installed (run .ci/install_browser.sh: Debian chromium + chromium-driver)"
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -59,14 +60,11 @@ def driver():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-BUNDLED = ROOT / "checkpoints" / "shapes-tiny"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # The bundled model (what `./launch.sh demo` serves, so the screenshot shows a real generation); a random tiny
     # pipeline only if a checkout has no bundled checkpoint.
-    checkpoint = BUNDLED if (BUNDLED / "vdiff.json").is_file() else save_tiny_pipeline(
+    checkpoint = BUNDLED_CHECKPOINT if (BUNDLED_CHECKPOINT / "vdiff.json").is_file() else save_tiny_pipeline(
         tmp_path_factory.mktemp("browser") / "tiny-pipeline")
     srv = serve(checkpoint, port=free_port(), block=False, quiet=True)
     yield srv

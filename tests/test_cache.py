@@ -31,7 +31,8 @@ def pipe() -> VideoPipeline:
 
 def run(pipe, cache, prompt="a red circle moving right", **kw):
     seen = {}
-    out = pipe(prompt, seed=4, cache=cache, callback=lambda i, n, x: seen.__setitem__("x", x.clone()), **{**SMALL, **kw})
+    out = pipe(prompt, seed=4, cache=cache, callback=lambda i, n, x: seen.__setitem__("x", x.clone()),
+               **{**SMALL, **kw})
     return seen["x"], out
 
 

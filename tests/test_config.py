@@ -43,7 +43,9 @@ def test_yaml_overrides_and_preset(tmp_path):
 
 
 def test_nested_attention_config():
-    cfg = from_dict(AttentionConfig, parse_overrides(["backend=radial", "radial.decay_factor=0.2", "dense_layers=[0, 1]"]))
+    cfg = from_dict(
+        AttentionConfig, parse_overrides(["backend=radial", "radial.decay_factor=0.2", "dense_layers=[0, 1]"])
+    )
     assert cfg.backend == "radial" and cfg.radial.decay_factor == 0.2 and cfg.dense_layers == [0, 1]
     assert cfg.radial.block_size == 128  # untouched fields keep their defaults
     assert from_dict(AttentionConfig, to_dict(cfg)) == cfg

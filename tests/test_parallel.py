@@ -21,7 +21,7 @@ def _worker(out_path: str) -> None:
 
     from vdiff.config import AttentionConfig, SlidingTileConfig, model_preset
     from vdiff.models.dit import VideoDiT
-    from vdiff.parallel import SequenceParallel
+    from vdiff.parallel import SequenceParallel, apply_sequence_parallel, remove_sequence_parallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -46,8 +46,11 @@ def _worker(out_path: str) -> None:
             outs, grads = [], []
             for use_sp in (False, True):
                 model.zero_grad()
-                kwargs = {"attention": attn, **({"sequence_parallel": sp} if use_sp else {})}
-                out = model(x, timestep, text, return_dict=False, attention_kwargs=kwargs)[0]
+                if use_sp:
+                    apply_sequence_parallel(model, sp)  # from outside: the model's forward knows nothing of it
+                out = model(x, timestep, text, return_dict=False, attention_kwargs={"attention": attn})[0]
+                if use_sp:
+                    assert remove_sequence_parallel(model)
                 (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
                 g = torch.cat([p.grad.flatten() for p in model.parameters()])
                 if use_sp:

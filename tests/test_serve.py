@@ -13,17 +13,18 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from _serve_helpers import HOLD, OOM, StepControl, decode_video, free_port, save_tiny_pipeline, wait_until
+from _serve_helpers import HOLD, OOM, StepControl, decode_video, save_tiny_pipeline, wait_until
 
 from serve.app import build_app, format_stats, launch_kwargs, parse_auth, serve
 from serve.validation import Limits, RequestError, limits_for, validate_request
 from serve.worker import OutputStore, ServerBusy, WorkerPool
+from vdiff.limits import GenerationLimits, Span
+from vdiff.runtime import free_port
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
@@ -238,12 +239,12 @@ def test_full_queue_answers_busy_at_once(server, control):
         assert wait_until(lambda n=base + i + 1: server.pool.status()["submitted"] >= n, timeout=30)
     assert wait_until(lambda: server.pool.status()["running"] == 1 and server.pool.status()["waiting"] == MAX_QUEUE)
     busy_before = server.pool.status()["busy"]
-    t0 = time.perf_counter()
     with pytest.raises(AppError) as err:
         _generate(Client(server.url, verbose=False), prompt="one too many", seed=9)
-    elapsed = time.perf_counter() - t0
     assert str(err.value).startswith("Busy, retry: server busy"), str(err.value)
-    assert elapsed < 3.0, elapsed  # at once, not after the queue drains
+    # at once, not after the queue drains: the held request is still running and the queue still full
+    status = server.pool.status()
+    assert status["running"] == 1 and status["waiting"] == MAX_QUEUE, status
     assert server.pool.status()["busy"] == busy_before + 1
     control.release.set()
     for job in jobs:  # the queued ones still complete
@@ -388,16 +389,25 @@ def test_login_from_env_blocks_anonymous_clients(server):
 
 def test_limits_follow_the_pipeline(server):
     limits = limits_for(server.pool.pipelines[0], max_tokens=1024)
-    assert limits.size_multiple == 8 and limits.min_size == 8
+    assert limits.generation is server.pool.pipelines[0].limits  # the pipeline's own rules, not a copy of them
+    assert limits.sides.multiple == 8 and limits.sides.min == 8
     assert 16 in limits.frame_choices and 32 in limits.size_choices
-    assert all(limits.token_count(f, s, s) <= 1024 for f in limits.frame_choices for s in (min(limits.size_choices),))
+    assert all(limits.generation.token_count(f, s, s) <= 1024
+               for f in limits.frame_choices for s in (min(limits.size_choices),))
     assert limits.attention_choices[0] == "dense" and "vmoba" in limits.attention_choices
     assert "sdpa" not in limits.attention_choices and "flash" not in limits.attention_choices  # not runnable here
     assert limits.default_cache == ("text_kv", "mask", "prompt")
 
 
+def _generation_limits(frames: Span | None = None) -> GenerationLimits:
+    """Pipeline rules written out by hand: 1 to 16 frames, sides 8 to 32 in steps of 8, the tiny preset's defaults."""
+    return GenerationLimits(frames=frames or Span(1, 16), frame_rule="-", height=Span(8, 32, 8), width=Span(8, 32, 8),
+                            default_frames=16, default_height=32, default_width=32, default_steps=30,
+                            default_guidance=5.0)
+
+
 def test_validate_request_defaults_and_types():
-    limits = Limits(attention_choices=("dense", "radial"), default_cache=("text_kv",))
+    limits = Limits(_generation_limits(), attention_choices=("dense", "radial"), default_cache=("text_kv",))
     req = validate_request(limits, prompt="  a red circle  ", seed="7", num_inference_steps=4.0, guidance_scale="2.5",
                            num_frames="8", height=32, width=32.0, attention=None, cache=None)
     assert (req.prompt, req.seed, req.num_inference_steps, req.guidance_scale) == ("a red circle", 7, 4, 2.5)
@@ -410,6 +420,23 @@ def test_validate_request_defaults_and_types():
         validate_request(limits, prompt="x", guidance_scale=math.nan)
     with pytest.raises(RequestError, match=r"^prompt must not contain NUL"):
         validate_request(limits, prompt="a\x00b")
+
+
+def test_values_left_out_take_the_pipelines_defaults():
+    req = validate_request(Limits(_generation_limits()), prompt="x", seed=0)
+    assert (req.num_frames, req.height, req.width, req.num_inference_steps, req.guidance_scale) == (16, 32, 32, 30, 5.0)
+    with pytest.raises(RequestError, match=r"^num_frames must be an integer in \[1, 16\], got None$"):
+        validate_request(Limits(_generation_limits()), prompt="x", num_frames=None)  # None is a value, and a bad one
+
+
+def test_validate_request_follows_the_pipelines_frame_rule():
+    """Wan's VAE takes 4k+1 frames: the server checks the numbers of the pipeline's rule (no wording to parse)."""
+    limits = Limits(_generation_limits(frames=Span(1, 125, 4)))
+    assert validate_request(limits, prompt="x", num_frames=9, height=8, width=8).num_frames == 9
+    with pytest.raises(RequestError, match=r"^num_frames must be 4k \+ 1 in \[1, 125\], got 8$"):
+        validate_request(limits, prompt="x", num_frames=8)
+    with pytest.raises(RequestError, match=r"^num_frames must be an integer in \[1, 125\], got 129$"):
+        validate_request(limits, prompt="x", num_frames=129)
 
 
 def test_format_stats_line():

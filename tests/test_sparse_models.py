@@ -24,7 +24,9 @@ STATIC = ("radial", "sliding_tile")
 
 def _method_param(name):
     if name == "vmoba" and "vmoba" not in available("cpu"):
-        return pytest.param(name, marks=pytest.mark.skip(reason="vdiff/attention/vmoba.py is not there / not registered"))
+        return pytest.param(
+            name, marks=pytest.mark.skip(reason="vdiff/attention/vmoba.py is not there / not registered")
+        )
     return name
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from train.config import load_recipe
-from train.trainer import KILL_IN_CHECKPOINT_ENV, ShardedBatchSampler, latent_cache_fingerprint, lr_lambda
+from train.data import ShardedBatchSampler, cache_fingerprint
+from train.trainer import lr_lambda
 from vdiff.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,11 +25,30 @@ SMALL = ["model.num_layers=2", "model.num_attention_heads=2", "model.attention_h
          "data.num_frames=8", "data.height=16", "data.width=16", "validation.at_end=false"]
 
 
-def run_train(args: list[str], env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_train(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     """One training process (no launcher): `python -m train --config tiny.yaml ARGS`."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "train", "--config", str(TINY), *SMALL, *args], cwd=ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_python(["-m", "train", "--config", str(TINY), *SMALL, *args], timeout)
+
+
+def run_python(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# A training process that SIGKILLs itself when checkpoint `argv[1]` has all its files written but is not yet
+# published: the Trainer's before_publish callback, the worst moment for atomicity.
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+from train.config import load_recipe
+from train.trainer import Trainer
+
+def kill(tmp_folder, step):
+    if step == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer(load_recipe(sys.argv[2], sys.argv[3:]), before_publish=kill).run()
+"""
 
 
 def losses(output_dir: Path) -> dict[int, float]:
@@ -44,8 +64,8 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 def test_init_from_loads_weights_and_refuses_a_different_model(tmp_path):
     """`train.init_from`: a pipeline folder / transformer folder / .safetensors; only vdiff's own additions
-    (abs_pos_embed's gain, kept at its initial 1; text_pool's weights) may be missing; anything else that does not fit is an error."""
-    from train.trainer import load_initial_weights
+    (abs_pos_embed's gain, kept at its initial 1) may be missing; anything else that does not fit is an error."""
+    from train.checkpoint import load_initial_weights
     from vdiff.config import model_preset
     from vdiff.models.dit import VideoDiT
 
@@ -54,7 +74,7 @@ def test_init_from_loads_weights_and_refuses_a_different_model(tmp_path):
     source.save_pretrained(tmp_path / "pipe" / "transformer")
     for where in (tmp_path / "pipe", tmp_path / "pipe" / "transformer",
                   tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors"):
-        target = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, abs_pos_embed=True, text_pool="attn"))
+        target = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, abs_pos_embed=True))
         load_initial_weights(target, where)
         for name, value in source.state_dict().items():
             assert torch.equal(target.state_dict()[name], value), name
@@ -90,36 +110,33 @@ def test_recipe_keys_others_rely_on_and_errors():
 
 
 def test_latent_cache_fingerprint_separates_data_and_keeps_older_caches():
-    base = latent_cache_fingerprint(load_recipe(TINY), 48)
+    base = cache_fingerprint(load_recipe(TINY), 48)
     # Caches written before data.position_jitter existed have no such key: at its default it is left out.
     assert "position_jitter" not in base["data"] and base["data"]["dataset"] == "shapes"
-    narrow = latent_cache_fingerprint(load_recipe(TINY, ["data.position_jitter=0.15"]), 48)
+    narrow = cache_fingerprint(load_recipe(TINY, ["data.position_jitter=0.15"]), 48)
     assert narrow["data"].pop("position_jitter") == 0.15 and narrow == base
-    assert latent_cache_fingerprint(load_recipe(TINY, ["data.seed=3"]), 48) != base
-    assert latent_cache_fingerprint(load_recipe(TINY, ["data.latent_cache=/elsewhere"]), 48) == base
+    assert cache_fingerprint(load_recipe(TINY, ["data.seed=3"]), 48) != base
+    assert cache_fingerprint(load_recipe(TINY, ["data.latent_cache=/elsewhere"]), 48) == base
     gpu = load_recipe(ROOT / "configs" / "train" / "wan2.1-1.3b.yaml")
     assert gpu.model.to_model_config().num_layers == 30 and gpu.train.deepspeed != "none"
 
 
-def test_fill_shapes_cache_matches_the_trainers_cache_and_is_readable_at_once(tmp_path, monkeypatch):
-    """scripts/fill_shapes_cache.py writes the items build_latent_cache would, and meta.json with the trainer's
+def test_fill_shapes_cache_matches_the_trainers_cache_and_is_readable_at_once(tmp_path):
+    """`python -m train cache` writes the items build_latent_cache would, and meta.json with the trainer's
     fingerprint, so LatentDataset reads it and the trainer accepts it without re-encoding."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import fill_shapes_cache
-
+    from train.__main__ import main as train_main
     from vdiff.data.latents import LatentDataset, build_latent_cache, cache_is_complete
     from vdiff.models.text import minilm_text_encoder
     from vdiff.models.vae import PixelPatchVAE
 
     recipe = ROOT / "configs" / "train" / "shapes_tiny.yaml"
     over = ["data.num_samples=5", "data.num_frames=4", "data.height=16", "data.width=16"]
-    monkeypatch.setattr(sys, "argv", ["fill", "--config", str(recipe), *over, f"data.latent_cache={tmp_path / 'a'}"])
-    fill_shapes_cache.main()
+    assert train_main(["cache", "--config", str(recipe), *over, f"data.latent_cache={tmp_path / 'a'}"]) == 0
     rc = load_recipe(recipe, over)
-    assert cache_is_complete(tmp_path / "a", latent_cache_fingerprint(rc, 48))
+    assert cache_is_complete(tmp_path / "a", cache_fingerprint(rc, 48))
     text = minilm_text_encoder(rc.text_max_length)
     build_latent_cache(rc.data.shapes_world(), tmp_path / "b", PixelPatchVAE((1, 4, 4)).encode,
-                       lambda caps: text.encode(caps).embeds, latent_cache_fingerprint(rc, 48), batch_size=3,
+                       lambda caps: text.encode(caps).embeds, cache_fingerprint(rc, 48), batch_size=3,
                        show_progress=False)
     filled, built = LatentDataset(tmp_path / "a"), LatentDataset(tmp_path / "b")
     assert len(filled) == len(built) == 5
@@ -164,7 +181,7 @@ def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = tmp_path / "run"
-    killed = run_train([*common, f"output_dir={run}"], env={KILL_IN_CHECKPOINT_ENV: "4"})
+    killed = run_python(["-c", KILL_IN_CHECKPOINT, "4", str(TINY), *SMALL, *common, f"output_dir={run}"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == [".tmp-step-00000004", "step-00000002"]  # the half-published checkpoint is not `latest`
@@ -184,7 +201,8 @@ def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     b = load_file(run / "checkpoints" / "step-00000006" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
-    ema_a = torch.load(tmp_path / "ref" / "checkpoints" / "step-00000006" / "custom_checkpoint_1.pkl", weights_only=True)
+    ema_a = torch.load(tmp_path / "ref" / "checkpoints" / "step-00000006" / "custom_checkpoint_1.pkl",
+                       weights_only=True)
     ema_b = torch.load(run / "checkpoints" / "step-00000006" / "custom_checkpoint_1.pkl", weights_only=True)
     for key in ema_a:
         torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-6, atol=1e-7)
@@ -301,7 +319,8 @@ def test_overfit_two_clips_memorised_and_sampling_matches_training(tmp_path):
             assert (own < 0.1 * other).all(), (s0, own, other)
 
         # 3b. each clip noised to s = 0.5 (3 noise draws) -> the pipeline's denoising loop with its caption
-        x0_6, text_6, empty_6 = x0.repeat(3, 1, 1, 1, 1), text.repeat(3, 1, 1), empty.repeat(3, 1, 1)  # clip 0, 1, 0, ..
+        # clip 0, 1, 0, ..
+        x0_6, text_6, empty_6 = x0.repeat(3, 1, 1, 1, 1), text.repeat(3, 1, 1), empty.repeat(3, 1, 1)
         noise_6 = torch.randn(x0_6.shape, generator=torch.Generator().manual_seed(1))
         x_half = add_noise(x0_6, noise_6, torch.full((6,), 0.5))
         result = denoise(m, x_half, text_6, empty_6, _StartAt(fresh_scheduler(pipe.scheduler, "euler"), 0.5), 10,

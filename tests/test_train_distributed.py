@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from train.trainer import DEBUG_DIR_ENV
+from vdiff.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.num_layers=2", "model.num_attention_heads=2", "model.attention_head_dim=16", "model.ffn_dim=64",
          "data.num_frames=8", "data.height=16", "data.width=16", "data.num_samples=32", "validation.at_end=false",
          "train.max_steps=4", "train.checkpoint_every=100", "optim.lr=1e-3"]
 GLOBAL_BATCH = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.Popen:
@@ -41,7 +34,7 @@ def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
 
 def run(tmp: Path, name: str, args: list[str]) -> tuple[Path, list[dict]]:
     out_dir, debug = tmp / name, tmp / f"{name}-debug"
-    finish(launch([f"output_dir={out_dir}", *args], env={DEBUG_DIR_ENV: str(debug)}))
+    finish(launch([f"output_dir={out_dir}", "--debug-dir", str(debug), *args]))
     ranks = [json.loads(p.read_text()) for p in sorted(debug.glob("rank*.json"))]
     return out_dir, ranks
 
@@ -95,7 +88,7 @@ def test_two_nodes_on_loopback(tmp_path):
     port = str(free_port())
     common = ["--nproc", "1", "--nodes", "2", "--master-addr", "127.0.0.1", "--master-port", port,
               f"output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.max_steps=2", "train.export=false"]
-    nodes = [launch(["--node-rank", str(r), *common], env={DEBUG_DIR_ENV: str(tmp_path / "debug")}) for r in (0, 1)]
+    nodes = [launch(["--node-rank", str(r), *common, "--debug-dir", str(tmp_path / "debug")]) for r in (0, 1)]
     outputs = [finish(p) for p in nodes]
     assert "2 process(es)" in outputs[0] and "[train] done" in outputs[0]
     ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "debug").glob("rank*.json"))]

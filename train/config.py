@@ -45,14 +45,14 @@ class ModelSection:
     rope_max_seq_len: int | None = None
     pos_embed_seq_len: int | None = None
     abs_pos_embed: bool | None = None
-    text_pool: str | None = None
 
     def __post_init__(self) -> None:
         self.to_model_config()  # a bad preset or field fails at load time, naming the key
 
     def to_model_config(self) -> ModelConfig:
-        names = [f.name for f in dataclasses.fields(ModelConfig)]
-        changes = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name in names and getattr(self, f.name) is not None}
         try:
             return model_preset(self.preset, **changes)
         except ConfigError as err:
@@ -87,7 +87,7 @@ class DataConfig:
             raise ConfigError("data.root is required when data.dataset=video_folder")
 
     def shapes_world(self):
-        """The ShapesWorld dataset these settings describe (the trainer's and scripts/fill_shapes_cache.py's)."""
+        """The ShapesWorld dataset these settings describe (the trainer's and `python -m train cache`'s)."""
         from vdiff.data.shapes import ShapesWorld
 
         return ShapesWorld(self.num_samples, num_frames=self.num_frames, height=self.height, width=self.width,

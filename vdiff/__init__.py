@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 # Heavy imports (diffusers, transformers) happen on first use, so `import vdiff` stays cheap.
 _LAZY = {
+    "GenerationLimits": "vdiff.limits",
     "VideoDiT": "vdiff.models.dit",
     "VideoPipeline": "vdiff.pipeline",
 }
@@ -22,4 +23,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vdiff' has no attribute {name!r}")
 
 
-__all__ = ["VideoDiT", "VideoPipeline", "__version__"]
+__all__ = ["GenerationLimits", "VideoDiT", "VideoPipeline", "__version__"]

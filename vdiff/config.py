@@ -53,19 +53,12 @@ class ModelConfig:
     # model sees absolute placement only through slow-to-learn border effects; small models trained from scratch on
     # layout-from-text tasks (the bundled ShapesWorld model: "moving left" from pure noise) learn it with this.
     abs_pos_embed: bool = False
-    # vdiff's own option, not Wan's (None = exactly Wan): also condition adaLN on the caption, as DiT does with its
-    # class label and SD3/Flux with a pooled text vector. "attn": one learned query per head attends over the projected
-    # text tokens (padding, the all-zero rows, excluded); "mean": their mean. The pooled vector is added to the
-    # timestep embedding, so every block's shift/scale/gate depends on the caption: a caption-dependent scale of
-    # features that already depend on position gives a position x caption product at first order (what "moving
-    # left" needs at high noise), where cross-attention alone adds a caption vector the same at every position.
-    text_pool: str | None = None
 
     def __post_init__(self) -> None:
-        if self.text_pool not in (None, "attn", "mean"):
-            raise ConfigError(f"model.text_pool must be null, 'attn' or 'mean', got {self.text_pool!r}")
         if self.attention_head_dim % 2:
-            raise ConfigError(f"model.attention_head_dim must be even (RoPE pairs channels), got {self.attention_head_dim}")
+            raise ConfigError(
+                f"model.attention_head_dim must be even (RoPE pairs channels), got {self.attention_head_dim}"
+            )
         for name in ("num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim", "num_layers", "freq_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -81,12 +74,10 @@ class ModelConfig:
         kwargs = dataclasses.asdict(self)
         if kwargs.pop("abs_pos_embed"):
             raise ConfigError("model.abs_pos_embed=true has no Wan/diffusers equivalent (WanTransformer3DModel)")
-        if kwargs.pop("text_pool") is not None:
-            raise ConfigError("model.text_pool has no Wan/diffusers equivalent (WanTransformer3DModel)")
         return kwargs
 
     def to_vdiff(self) -> dict[str, Any]:
-        """The kwargs of `VideoDiT(**kwargs)`: Wan's fields plus vdiff's own (`abs_pos_embed`, `text_pool`)."""
+        """The kwargs of `VideoDiT(**kwargs)`: Wan's fields plus vdiff's own (`abs_pos_embed`)."""
         return dataclasses.asdict(self)
 
 
@@ -98,8 +89,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         text_dim=384, freq_dim=64, ffn_dim=256, num_layers=4, rope_max_seq_len=256,
     ),
     # Wan2.1 T2V 1.3B and 14B: the published shapes (UMT5-XXL text, 16-channel VAE latents).
-    "wan2.1-1.3b": ModelConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096),
-    "wan2.1-14b": ModelConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096),
+    "wan2.1-1.3b": ModelConfig(
+        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096
+    ),
+    "wan2.1-14b": ModelConfig(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096
+    ),
 }
 
 
@@ -115,21 +110,55 @@ def model_preset(name: str, **changes: Any) -> ModelConfig:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+RADIAL_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _positive_ints(section: str, name: str, value: Any, n: int) -> tuple[int, ...]:
+    """`value` as a tuple of `n` ints >= 1, or a ConfigError naming attention.<section>.<name>."""
+    items = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if len(items) != n or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in items):
+        axes = "(t, h, w)" if n == 3 else "(h, w)"
+        raise ConfigError(f"attention.{section}.{name} must be {n} integers {axes}, each >= 1, got {value!r}")
+    return items
+
+
 @dataclass
 class RadialConfig:
+    """Radial attention (vdiff.attention.radial): band width decay over temporal distance, kernel block, frame-0
+    sink."""
+
     decay_factor: float = 1.0
     block_size: int = 128
     sink: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.decay_factor, bool) or not isinstance(self.decay_factor, (int, float)) \
+                or not self.decay_factor > 0:
+            raise ConfigError(f"attention.radial.decay_factor must be a number > 0, got {self.decay_factor!r}")
+        self.decay_factor = float(self.decay_factor)
+        if self.block_size not in RADIAL_BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ConfigError(f"attention.radial.block_size must be one of {list(RADIAL_BLOCK_SIZES)}, "
+                              f"got {self.block_size!r}")
+        if not isinstance(self.sink, bool):
+            raise ConfigError(f"attention.radial.sink must be true or false, got {self.sink!r}")
+
 
 @dataclass
 class SlidingTileConfig:
+    """Sliding tile attention (vdiff.attention.sliding_tile): tile extent in tokens, window in tiles, per (t, h, w)."""
+
     tile: tuple[int, int, int] = (6, 8, 8)
     window: tuple[int, int, int] = (3, 3, 3)
+
+    def __post_init__(self) -> None:
+        self.tile = _positive_ints("sliding_tile", "tile", self.tile, 3)  # type: ignore[assignment]
+        self.window = _positive_ints("sliding_tile", "window", self.window, 3)  # type: ignore[assignment]
 
 
 @dataclass
 class VMoBAConfig:
+    """VMoBA (vdiff.attention.vmoba): chunk sizes of the 1D / 2D / 3D partitions and how chunks are selected."""
+
     chunk_t: int = 2
     chunk_hw: tuple[int, int] = (8, 8)
     chunk_thw: tuple[int, int, int] = (2, 8, 8)
@@ -137,6 +166,21 @@ class VMoBAConfig:
     topk: int = 3
     threshold: float = 0.25
     global_select: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_t, bool) or not isinstance(self.chunk_t, int) or self.chunk_t < 1:
+            raise ConfigError(f"attention.vmoba.chunk_t must be an int >= 1, got {self.chunk_t!r}")
+        self.chunk_hw = _positive_ints("vmoba", "chunk_hw", self.chunk_hw, 2)  # type: ignore[assignment]
+        self.chunk_thw = _positive_ints("vmoba", "chunk_thw", self.chunk_thw, 3)  # type: ignore[assignment]
+        if self.select not in ("topk", "threshold"):
+            raise ConfigError(f"attention.vmoba.select must be 'topk' or 'threshold', got {self.select!r}")
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            raise ConfigError(f"attention.vmoba.topk must be an int >= 1, got {self.topk!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"attention.vmoba.threshold must be in (0, 1], got {self.threshold!r}")
+        if not isinstance(self.global_select, bool):
+            raise ConfigError(f"attention.vmoba.global_select must be true or false, got {self.global_select!r}")
 
 
 @dataclass
@@ -147,7 +191,8 @@ class AttentionConfig:
     warm-up steps of a sparse backend run. `impl` picks a sparse method's implementation: fast (block-sparse
     FlexAttention kernels), gather (pure PyTorch, backward on any device; radial / sliding_tile: dense SDPA over
     gathered key blocks, VMoBA: its varlen path), reference (explicit mask + SDPA) or auto (CPU: gather; GPU: fast
-    where it can run the call, else reference; reported by `vdiff.attention.available()`).
+    where it can run the call, else gather; never reference; reported by `vdiff.attention.available()`).
+    The options of each sparse method check themselves when built, so a bad value fails at load, naming its key.
     """
 
     backend: str = "dense"
@@ -159,9 +204,25 @@ class AttentionConfig:
     sliding_tile: SlidingTileConfig = field(default_factory=SlidingTileConfig)
     vmoba: VMoBAConfig = field(default_factory=VMoBAConfig)
 
+    @classmethod
+    def named(cls, name: str) -> AttentionConfig:
+        """The config one name asks for: "dense", a dense kernel ("sdpa", "flex", ...) or a sparse backend ("radial",
+        ...), with default options. An unknown name is a ConfigError listing the known ones."""
+        from vdiff.attention.registry import DENSE_KERNELS, backend_names
+
+        if name in DENSE_KERNELS:
+            return cls(kernel=name)
+        if name not in backend_names():
+            raise ConfigError(f"attention: unknown attention backend {name!r}; choose one of {backend_names()} or a "
+                              f"dense kernel {list(DENSE_KERNELS)}")
+        return cls(backend=name)
+
     def __post_init__(self) -> None:
         if self.dense_steps < 0:
             raise ConfigError(f"attention.dense_steps must be >= 0, got {self.dense_steps}")
+        from vdiff.attention.registry import check_names  # the registry knows which names exist (late: no cycle)
+
+        check_names(self)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -193,7 +254,21 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, base: T | None = Non
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
+        raise ConfigError(_qualify(prefix, str(err))) from None
+
+
+def _qualify(prefix: str, message: str) -> str:
+    """Put the dotted `prefix` in front of a config class's own message, which may already start with the tail of it
+    (`attention.radial.block_size ...` under the prefix `model.attention.radial.` ->
+    `model.attention.radial.block_size`)."""
+    if not prefix or message.startswith(prefix):
+        return message
+    parts = prefix.rstrip(".").split(".")
+    for i in range(len(parts)):
+        tail = ".".join(parts[i:]) + "."
+        if message.startswith(tail):
+            return prefix + message[len(tail):]
+    return prefix + message
 
 
 def _default(f: dataclasses.Field) -> Any:

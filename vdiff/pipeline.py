@@ -7,15 +7,17 @@
     out.frames          # numpy uint8 (T, H, W, 3); batched prompts: out.videos (B, T, H, W, 3), frames = videos[0]
     out.save("clip.mp4")   # .mp4, .gif or .webm
     out.stats           # timings, attention density, cache hits / misses
+    pipe.limits         # GenerationLimits: what each argument may be and its default (vdiff.limits)
 
 Folder layout (`save_pretrained` / `from_pretrained`):
     vdiff.json (or vdiff.yaml)   PipelineConfig: defaults (frames, size, steps, guidance, attention, caches, ...)
     transformer/                 VideoDiT (diffusers format, safetensors; a WanTransformer3DModel folder loads too)
     vae/                         PixelPatchVAE (vae_config.json) or AutoencoderKLWan (diffusers config.json)
-    scheduler/                   diffusers scheduler config (UniPC with flow sigmas, or FlowMatchEuler)
+    scheduler/                   diffusers scheduler config (UniPC with flow sigmas, or FlowMatchEuler); required
     text_encoder/ tokenizer/     only when config.text_encoder names a subfolder ("minilm" = the packaged encoder)
 A Wan2.1 diffusers folder (model_index.json, no vdiff.json) loads as is, with Wan's defaults (81 x 480 x 832,
-50 steps, guidance 5, UMT5 from text_encoder/ + tokenizer/, 512 tokens).
+50 steps, guidance 5, UMT5 from text_encoder/ + tokenizer/, 512 tokens). The files are read and written by
+vdiff.pipeline_io; this module wires the components and samples.
 
 Calls are thread-safe: each builds its own scheduler and its own cache state (vdiff.cache.cache_context).
 """
@@ -23,9 +25,7 @@ Calls are thread-safe: each builds its own scheduler and its own cache state (vd
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,16 +40,15 @@ from vdiff.attention import AttentionStats, BackendUnavailable, check_config
 from vdiff.cache import CACHE_NAMES, CacheConfig, apply_cache, cache_config, cache_context, no_mask_cache, remove_cache
 from vdiff.config import AttentionConfig, ConfigError, ModelConfig, from_dict, to_dict
 from vdiff.diffusion.sampling import Cancelled, denoise, fresh_scheduler, make_scheduler, sampler_name
+from vdiff.limits import GenerationLimits
 from vdiff.models.dit import VideoDiT
 from vdiff.models.text import HFTextEncoder, minilm_text_encoder
 from vdiff.models.vae import PixelPatchVAE, WanVAE, load_vae
+from vdiff.pipeline_io import atomic_folder, load_scheduler, read_config, to_uint8, write_config, write_video
 
-__all__ = ["Cancelled", "PipelineConfig", "PipelineStats", "VideoOutput", "VideoPipeline", "write_video"]
-
-CONFIG_NAME = "vdiff.json"
-MAX_STEPS = 1000
-MAX_GUIDANCE = 50.0
-VIDEO_FORMATS = (".mp4", ".gif", ".webm")
+# to_uint8 and write_video live in vdiff.pipeline_io; they stay importable from here for existing callers.
+__all__ = ["Cancelled", "GenerationLimits", "PipelineConfig", "PipelineStats", "VideoOutput", "VideoPipeline",
+           "to_uint8", "write_video"]
 
 
 @dataclass
@@ -78,10 +77,6 @@ class PipelineConfig:
                 raise ConfigError(f"cache: unknown cache {name!r}; known: {list(CACHE_NAMES)}")
 
 
-WAN_DEFAULTS = dict(num_frames=81, height=480, width=832, num_inference_steps=50, guidance_scale=5.0, fps=16,
-                    text_encoder="text_encoder", tokenizer="tokenizer", text_max_length=512)
-
-
 @dataclass
 class PipelineStats:
     total_s: float = 0.0
@@ -90,7 +85,7 @@ class PipelineStats:
     decode_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     attention: AttentionStats = field(default_factory=AttentionStats)
-    cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # per cache: hits / misses (step: computed / skipped)
+    cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # per cache: hits / misses (step: computed/skipped)
     tokens: int = 0  # transformer tokens per video
     grid: tuple[int, int, int] = (0, 0, 0)
 
@@ -103,7 +98,8 @@ class PipelineStats:
             "total_s": self.total_s, "text_s": self.text_s, "denoise_s": self.denoise_s, "decode_s": self.decode_s,
             "step_mean_s": self.step_mean_s, "steps": len(self.step_s), "tokens": self.tokens, "grid": list(self.grid),
             "attention_density": self.attention.density, "attention_calls": self.attention.calls,
-            "attention_backends": dict(self.attention.by_backend), "cache": self.cache,
+            "attention_backends": dict(self.attention.by_backend),
+            "attention_impls": dict(self.attention.by_impl), "cache": self.cache,
         }
 
 
@@ -125,33 +121,10 @@ class VideoOutput:
         return write_video(path, self.videos[index], fps or self.fps)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """uint8 (T, H, W, 3) -> .mp4 (H.264), .webm (VP9) or .gif."""
-    import imageio.v2 as imageio
-
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext not in VIDEO_FORMATS:
-        raise ValueError(f"out: unsupported video format {ext!r}; use one of {list(VIDEO_FORMATS)}")
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if ext == ".gif":
-        imageio.mimwrite(path, list(frames), format="GIF", duration=1000 / fps, loop=0)
-    else:
-        codec = "libx264" if ext == ".mp4" else "libvpx-vp9"
-        imageio.mimwrite(path, list(frames), fps=fps, codec=codec, macro_block_size=1, quality=None,
-                         pixelformat="yuv420p", output_params=["-crf", "18"] if ext == ".mp4" else ["-b:v", "0", "-crf", "30"])
-    return path
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
-    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
 class VideoPipeline:
+    """Text encoder, transformer, scheduler and VAE behind one call. What a call accepts is `self.limits`, built
+    once here from the components, so the checks, the error messages and the server all read the same numbers."""
+
     def __init__(
         self,
         transformer: VideoDiT,
@@ -171,7 +144,9 @@ class VideoPipeline:
             raise ValueError(f"transformer.in_channels={mc.in_channels} does not match the VAE's "
                              f"{vae.latent_channels} latent channels")
         if mc.text_dim != text_encoder.dim:
-            raise ValueError(f"transformer.text_dim={mc.text_dim} does not match the text encoder's dim {text_encoder.dim}")
+            raise ValueError(f"transformer.text_dim={mc.text_dim} does not match the text encoder's dim "
+                             f"{text_encoder.dim}")
+        self.limits = GenerationLimits.build(vae, tuple(mc.patch_size), mc.rope_max_seq_len, self.config)
         self._lock = threading.Lock()
         self._installed: dict[str, CacheConfig] = {}  # hooks on the model now
         self._defaults: list[str] = []  # caches used when a call passes cache=None
@@ -210,12 +185,13 @@ class VideoPipeline:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"pipeline folder not found: {path}")
-        config = _load_config(path)
+        config = from_dict(PipelineConfig, read_config(path))
         if config_overrides:
             config = from_dict(PipelineConfig, config_overrides, base=config)
         dtype = torch_dtype or torch.float32
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(f"{path}: no transformer/ folder")
+        scheduler = load_scheduler(path / "scheduler")  # before the weights: a folder without one fails at once
         transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=dtype)
         if config.text_encoder == "minilm":
             text_encoder = minilm_text_encoder(config.text_max_length)
@@ -224,7 +200,6 @@ class VideoPipeline:
                 path / config.text_encoder, config.text_max_length,
                 tokenizer_path=path / config.tokenizer if config.tokenizer else None)
         vae = load_vae(path / "vae")
-        scheduler = _load_scheduler(path / "scheduler")
         pipe = cls(transformer, text_encoder, vae, scheduler, config)
         if device is not None:
             pipe.to(device)
@@ -232,29 +207,16 @@ class VideoPipeline:
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the pipeline folder (atomically: into a temporary folder, then renamed)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-        tmp.mkdir(parents=True)
-        try:
+        cfg = self.config
+        with atomic_folder(path) as tmp:
             self.transformer.save_pretrained(tmp / "transformer")
             self.vae.save_pretrained(tmp / "vae")
             self.scheduler.save_pretrained(tmp / "scheduler")
-            cfg = self.config
             if cfg.text_encoder != "minilm":
                 self.text_encoder.model.save_pretrained(tmp / cfg.text_encoder)
                 self.text_encoder.tokenizer.save_pretrained(tmp / (cfg.tokenizer or cfg.text_encoder))
-            (tmp / CONFIG_NAME).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return path
+            write_config(tmp, to_dict(cfg))
+        return Path(path)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoPipeline:
         """Move the transformer (and its dtype), the text encoder and the VAE to `device`."""
@@ -313,7 +275,8 @@ class VideoPipeline:
             return frozenset(self._defaults), {}
         specs = [cache] if isinstance(cache, str) or dataclasses.is_dataclass(cache) else cache
         if not isinstance(specs, (list, tuple)):
-            raise ValueError(f"cache: expected None, a list of names from {list(CACHE_NAMES)} or cache configs, got {cache!r}")
+            raise ValueError(f"cache: expected None, a list of names from {list(CACHE_NAMES)} or cache configs, "
+                             f"got {cache!r}")
         names, configs = set(), {}
         for spec in specs:
             cfg = cache_config(spec)
@@ -324,84 +287,34 @@ class VideoPipeline:
         return frozenset(names), configs
 
     # ---------------------------------------------------------------------------------------------------------------
-    # Limits and validation
+    # Arguments of a call
     # ---------------------------------------------------------------------------------------------------------------
 
-    def _patch(self) -> tuple[int, int, int]:
-        return tuple(self.transformer.config.patch_size)
-
-    def _frames_ok(self, n: int) -> bool:
-        _, sh, sw = self.vae.stride
-        if n < 1 or self.vae.check_size(n, sh, sw) is not None:
-            return False
-        f = self.vae.latent_shape(n, sh, sw)[0]
-        return f % self._patch()[0] == 0 and f // self._patch()[0] <= self.transformer.config.rope_max_seq_len
-
-    def _side_multiple(self, axis: int) -> int:
-        return self.vae.stride[axis] * self._patch()[axis]
-
-    def limits(self) -> dict[str, dict[str, Any]]:
-        """What each argument may be: min, max, the rule (multiple of / 4k+1) and the default."""
-        rope = self.transformer.config.rope_max_seq_len
+    def _resolve(self, prompt: Any, negative_prompt: Any, num_frames: Any, height: Any, width: Any,
+                 num_inference_steps: Any, guidance_scale: Any, seed: Any, attention: Any, cache: Any, callback: Any,
+                 sampler: str | None, shift: float | None) -> _CallArgs:
+        """Fill defaults and check every argument, in the order the errors are reported, before any work starts."""
         cfg = self.config
-        max_frames = next(n for n in range(self.vae.stride[0] * self._patch()[0] * rope + 1, 0, -1) if self._frames_ok(n))
-        if cfg.max_num_frames:
-            max_frames = max((n for n in range(1, cfg.max_num_frames + 1) if self._frames_ok(n)), default=0)
-        min_frames = next(n for n in range(1, max_frames + 1) if self._frames_ok(n))
-        out: dict[str, dict[str, Any]] = {
-            "num_frames": {"min": min_frames, "max": max_frames, "rule": self._frames_rule(), "default": cfg.num_frames},
-        }
-        for axis, name, cap in ((1, "height", cfg.max_height), (2, "width", cfg.max_width)):
-            m = self._side_multiple(axis)
-            hi = m * rope if not cap else cap // m * m
-            out[name] = {"min": m, "max": hi, "rule": f"a multiple of {m}", "multiple_of": m, "default": getattr(cfg, name)}
-        out["num_inference_steps"] = {"min": 1, "max": MAX_STEPS, "default": cfg.num_inference_steps}
-        out["guidance_scale"] = {"min": 0.0, "max": MAX_GUIDANCE, "default": cfg.guidance_scale,
-                                 "rule": "<= 1 disables classifier-free guidance"}
-        out["cache"] = {"allowed": list(CACHE_NAMES), "default": list(self._defaults)}
-        return out
-
-    def _frames_rule(self) -> str:
-        if isinstance(self.vae, WanVAE):
-            rule = f"{self.vae.stride[0]}k+1"
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
         else:
-            rule = f"a multiple of {self.vae.stride[0]}"
-        if self._patch()[0] > 1:
-            rule += f" giving a latent frame count that is a multiple of {self._patch()[0]}"
-        return rule
-
-    def _check_frames(self, n: Any, lim: dict[str, Any]) -> None:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise ValueError(f"num_frames must be an int, got {n!r}")
-        if lim["min"] <= n <= lim["max"] and self._frames_ok(n):
-            return
-        below = next((m for m in range(min(n, lim["max"]), lim["min"] - 1, -1) if self._frames_ok(m)), None)
-        above = next((m for m in range(max(n, lim["min"]), lim["max"] + 1) if self._frames_ok(m)), None)
-        near = " or ".join(str(m) for m in dict.fromkeys(x for x in (below, above) if x is not None))
-        raise ValueError(f"num_frames={n} is not allowed: must be {lim['rule']} in [{lim['min']}, {lim['max']}]"
-                         f"; nearest valid: {near}")
-
-    def _check_side(self, name: str, v: Any, lim: dict[str, Any]) -> None:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must be an int, got {v!r}")
-        m, lo, hi = lim["multiple_of"], lim["min"], lim["max"]
-        if lo <= v <= hi and v % m == 0:
-            return
-        below, above = max(lo, min(hi, v // m * m)), min(hi, max(lo, -(-v // m) * m))
-        near = " or ".join(str(x) for x in dict.fromkeys((below, above)))
-        raise ValueError(f"{name}={v} is not allowed: must be a multiple of {m} in [{lo}, {hi}] "
-                         f"(VAE stride x patch size); nearest valid: {near}")
-
-    def _check_args(self, prompts: list[str], negatives: list[str], frames: int, height: int, width: int, steps: Any,
-                    guidance: Any, seed: Any, callback: Any) -> None:
-        lim = self.limits()
-        self._check_frames(frames, lim["num_frames"])
-        self._check_side("height", height, lim["height"])
-        self._check_side("width", width, lim["width"])
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
-            raise ValueError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE}] (<= 1 disables guidance), got {guidance!r}")
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        negative_prompt = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        if isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        elif isinstance(negative_prompt, Sequence) and all(isinstance(p, str) for p in negative_prompt):
+            negatives = list(negative_prompt)
+        else:
+            raise ValueError(f"negative_prompt must be None, a string or a list of strings, got {negative_prompt!r}")
+        lim = self.limits
+        frames = lim.default_frames if num_frames is None else num_frames
+        height = lim.default_height if height is None else height
+        width = lim.default_width if width is None else width
+        steps = lim.default_steps if num_inference_steps is None else num_inference_steps
+        guidance = lim.default_guidance if guidance_scale is None else guidance_scale
+        lim.check(frames, height, width, steps, guidance)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
         if callback is not None and not callable(callback):
@@ -409,6 +322,11 @@ class VideoPipeline:
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {len(prompts)} prompts "
                              "(give one string, or a list of the same length)")
+        att = self._attention(attention)
+        scheduler = fresh_scheduler(self.scheduler, sampler, shift)
+        enabled, cache_configs = self._resolve_caches(cache)
+        return _CallArgs(prompts, negatives, frames, height, width, steps, float(guidance),
+                         secrets.randbelow(2**31) if seed is None else seed, att, scheduler, enabled, cache_configs)
 
     def _attention(self, attention: Any) -> AttentionConfig:
         if attention is None:
@@ -416,7 +334,10 @@ class VideoPipeline:
         elif isinstance(attention, AttentionConfig):
             cfg = attention
         elif isinstance(attention, str):
-            cfg = AttentionConfig(backend=attention) if attention != "dense" else AttentionConfig()
+            try:
+                cfg = AttentionConfig.named(attention)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
         elif isinstance(attention, dict):
             try:
                 cfg = from_dict(AttentionConfig, attention, prefix="attention.")
@@ -454,7 +375,7 @@ class VideoPipeline:
     ) -> VideoOutput:
         """Generate one video per prompt.
 
-        Arguments left None take the pipeline config's defaults (`pipe.limits()` lists ranges and defaults).
+        Arguments left None take the pipeline config's defaults (`pipe.limits` holds ranges and defaults).
         negative_prompt: None = the config's (default ""); a string for every prompt, or one per prompt.
         seed: None = random (reported as out.seed); the same seed gives the same video.
         attention: None (config), a backend name, an AttentionConfig or a dict of its fields.
@@ -463,51 +384,29 @@ class VideoPipeline:
         sampler / shift: override the scheduler's ("unipc" | "euler", flow shift) for this call.
         """
         t_start = time.perf_counter()
-        cfg = self.config
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        negative_prompt = cfg.negative_prompt if negative_prompt is None else negative_prompt
-        if isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        elif isinstance(negative_prompt, Sequence) and all(isinstance(p, str) for p in negative_prompt):
-            negatives = list(negative_prompt)
-        else:
-            raise ValueError(f"negative_prompt must be None, a string or a list of strings, got {negative_prompt!r}")
-        frames = cfg.num_frames if num_frames is None else num_frames
-        height = cfg.height if height is None else height
-        width = cfg.width if width is None else width
-        steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
-        self._check_args(prompts, negatives, frames, height, width, steps, guidance, seed, callback)
-        att = self._attention(attention)
-        scheduler = fresh_scheduler(self.scheduler, sampler, shift)
-        enabled, cache_configs = self._resolve_caches(cache)
-        seed = secrets.randbelow(2**31) if seed is None else seed
-
+        a = self._resolve(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, seed,
+                          attention, cache, callback, sampler, shift)
         stats = PipelineStats()
-        device = self.device
-        latent_fhw = self.vae.latent_shape(frames, height, width)
+        latent_fhw = self.vae.latent_shape(a.num_frames, a.height, a.width)  # (F', H', W')
         stats.grid = self.transformer.token_grid(latent_fhw)
         stats.tokens = int(np.prod(stats.grid))
-        use_cfg = guidance > 1.0
-        with cache_context(enabled, cache_configs) as call:
+        use_cfg = a.guidance > 1.0
+        n = len(a.prompts)
+        with cache_context(a.caches, a.cache_configs) as call:
             t0 = time.perf_counter()
-            text = self.text_encoder.encode(prompts + negatives if use_cfg else prompts)  # one batch
-            cond = text.embeds[: len(prompts)]  # (B, S, text_dim)
-            uncond = text.embeds[len(prompts):] if use_cfg else None
+            text = self.text_encoder.encode(a.prompts + a.negatives if use_cfg else a.prompts)  # one batch
+            cond = text.embeds[:n]  # (B, S, text_dim)
+            uncond = text.embeds[n:] if use_cfg else None
             stats.text_s = time.perf_counter() - t0
 
-            g = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: the same video on every device
-            noise = torch.randn(len(prompts), self.vae.latent_channels, *latent_fhw, generator=g).to(device)
-            attention_kwargs = {"attention": att, "stats": stats.attention, "mask_cache": no_mask_cache(call)}
-            bar = _progress_bar(steps) if progress else None
+            g = torch.Generator(device="cpu").manual_seed(a.seed)  # CPU noise: the same video on every device
+            noise = torch.randn(n, self.vae.latent_channels, *latent_fhw, generator=g)  # (B, C, F', H', W')
+            noise = noise.to(self.device)
+            attention_kwargs = {"attention": a.attention, "stats": stats.attention, "mask_cache": no_mask_cache(call)}
+            bar = _progress_bar(a.steps) if progress else None
             t0 = time.perf_counter()
             try:
-                result = denoise(self.transformer, noise, cond, uncond, scheduler, steps, float(guidance),
+                result = denoise(self.transformer, noise, cond, uncond, a.scheduler, a.steps, a.guidance,
                                  attention_kwargs=attention_kwargs, callback=callback,
                                  progress=bar.update if bar is not None else None)
             finally:
@@ -516,50 +415,36 @@ class VideoPipeline:
             stats.denoise_s = time.perf_counter() - t0
             stats.step_s = result.step_s
             # enabled caches, plus the mask builds of an uncached call (what the mask cache would save)
-            stats.cache = {name: dict(call.stats.get(name, {})) for name in sorted(enabled | set(call.stats))}
+            stats.cache = {name: dict(call.stats.get(name, {})) for name in sorted(a.caches | set(call.stats))}
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            video = self.vae.decode(result.latents)
+            video = self.vae.decode(result.latents)  # (B, 3, T, H, W)
         videos = to_uint8(video)  # (B, T, H, W, 3)
         stats.decode_s = time.perf_counter() - t0
         stats.total_s = time.perf_counter() - t_start
-        return VideoOutput(videos, prompts, seed, cfg.fps, stats)
+        return VideoOutput(videos, a.prompts, a.seed, self.config.fps, stats)
+
+
+@dataclass(frozen=True)
+class _CallArgs:
+    """One call's arguments after `VideoPipeline._resolve`: defaults filled, every value checked."""
+
+    prompts: list[str]
+    negatives: list[str]  # one per prompt
+    num_frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    seed: int  # drawn at random when the call passed None
+    attention: AttentionConfig
+    scheduler: Any  # a fresh scheduler for this call (never shared between calls)
+    caches: frozenset[str]
+    cache_configs: dict[str, CacheConfig]  # config objects passed for this call only
 
 
 def _progress_bar(total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="sampling", unit="step")
-
-
-def _load_config(path: Path) -> PipelineConfig:
-    if (path / CONFIG_NAME).is_file():
-        data = json.loads((path / CONFIG_NAME).read_text())
-    elif (path / "vdiff.yaml").is_file():
-        from vdiff.config import load_yaml
-
-        data = load_yaml(path / "vdiff.yaml")
-    elif (path / "model_index.json").is_file():  # a diffusers (Wan2.1) pipeline folder
-        index = json.loads((path / "model_index.json").read_text())
-        if not str(index.get("_class_name", "")).startswith("Wan"):
-            raise ValueError(f"{path}: diffusers pipeline {index.get('_class_name')!r} is not a Wan pipeline")
-        data = dict(WAN_DEFAULTS)
-    else:
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}, vdiff.yaml or model_index.json")
-    return from_dict(PipelineConfig, data)
-
-
-def _load_scheduler(path: Path) -> Any:
-    file = path / "scheduler_config.json"
-    if not file.is_file():
-        return make_scheduler("unipc", 3.0)
-    import diffusers
-
-    name = json.loads(file.read_text()).get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if cls is None:
-        raise ValueError(f"{file}: unknown scheduler class {name!r}")
-    scheduler = cls.from_pretrained(path)
-    sampler_name(scheduler)  # a flow-matching scheduler we can drive, or a clear error
-    return scheduler

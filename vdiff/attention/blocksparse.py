@@ -1,39 +1,28 @@
-"""Shared helpers for block-sparse attention: block grids <-> token masks, FlexAttention BlockMasks, the gather path,
-impl choice.
+"""Static block-sparse attention: the backend base shared by radial and sliding tile, and block-grid helpers.
 
 A *block grid* is a BoolTensor [Nq, Nk] over blocks of `block_size` consecutive tokens (the last block may be
 partial when L is not a multiple of block_size). The FlexAttention kernel computes every (query, key) pair inside a
 selected block, so the token-level set a block grid computes is `expand_blocks(blocks, block_size, L)`.
 
-Used by radial and sliding_tile (static masks, built once per (grid, options, device) and cached), and available to
-VMoBA for its per-call block selections.
-
-The gather path (`gather_plan` + `gather_attention`, impl=gather) computes the same block-sparse attention with plain
-dense SDPA: query blocks with the same set of kept key blocks form a group; each group's queries and the tokens of
-its key blocks are gathered (index_select) and groups with equal (query, key) counts run as one batched SDPA call
-without a mask (the CPU flash kernel). Optionally (`share_tokens`) a key set is split in two: the keys a run of
-consecutive query blocks has in common, gathered once for the run, and each block's rest; the two partial softmaxes
-are merged exactly by their log-sum-exp. Partial blocks (a grid that is not a multiple of the block or tile) only make
-other counts, hence their own bucket: nothing is padded and no mask is evaluated, so exactly the block pattern's
-pairs are computed. It is differentiable on any device (a custom backward per chunk, see `_GatherAttention`).
+A static method's pattern depends only on (grid, options): its `StaticLayout` is built once per pair and cached in the
+call's mask cache, and each implementation's artefact (gather plan, FlexAttention BlockMask, reference mask) is built
+once per device from it. `StaticBlockSparseBackend.attend` is the whole forward of such a method: choose the
+implementation (`vdiff.attention.policy`), fetch that artefact, run the kernel.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from typing import Any, Protocol
 
 import torch
 
-from vdiff.attention.dense import flex_backward_reason, flex_unavailable_reason
-from vdiff.attention.registry import BackendUnavailable
-
-IMPLS = ("auto", "fast", "gather", "reference")
-# impl=auto on CPU runs the gather path (dense SDPA over gathered key blocks) for inference and training: compiled
-# FlexAttention on CPU runs at ~0.4x SDPA's speed per computed block and has no backward, and the reference path
-# computes all L x L pairs. Measured in bench/attention.py (see the README attention section).
-AUTO_GATHER_ON_CPU = True
+from vdiff.attention.dense import sdpa_attention
+from vdiff.attention.flex import flex_run
+from vdiff.attention.gather import GatherPlan, gather_attention
+from vdiff.attention.policy import auto_note, choose_impl, needs_grad
+from vdiff.attention.registry import AttentionBackend, AttentionContext, CallInfo
+from vdiff.config import AttentionConfig
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -55,339 +44,82 @@ def reduce_to_blocks(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.view(n, block_size, n, block_size).any(dim=3).any(dim=1)
 
 
-def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[Nq, Nk] bool -> (counts (1, 1, Nq) int32, indices (1, 1, Nq, Nk) int32): selected key blocks first, ascending;
-    the tail of each row is padding the kernel never reads."""
-    counts = blocks.sum(-1, dtype=torch.int32)[None, None]
-    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
-    return counts, indices
+def method_options(cls: type, method: str, config: Any = None, **overrides: Any) -> Any:
+    """The options dataclass `cls` of a sparse method: `config` (or the defaults) with `overrides` (None = keep).
+    The dataclass checks its own values; an unknown option name raises, listing the known ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"{method}: unknown option(s) {unknown}; known: {sorted(names)}")
+    return dataclasses.replace(config or cls(), **{k: v for k, v in overrides.items() if v is not None})
 
 
-def block_mask_from_blocks(full_blocks: torch.Tensor, block_size: int, length: int, device: torch.device | str,
-                           partial_blocks: torch.Tensor | None = None, mask_mod: Callable | None = None):
-    """A FlexAttention BlockMask over `length` tokens from block grids [Nq, Nk].
+class StaticLayout(Protocol):
+    """What a static method builds once per (grid, options): the pattern and each implementation's artefact."""
 
-    full_blocks: the kernel computes every pair of these blocks (no mask_mod evaluated).
-    partial_blocks (with mask_mod): the kernel evaluates `mask_mod(b, h, q_idx, kv_idx)` per pair in these blocks.
-    Tokens past `length` in the last partial block row/column are excluded by the kernel's sequence-length bound.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
+    perm: torch.Tensor | None  # token order the kernels run in (None = frame-major)
 
-    if (partial_blocks is None) != (mask_mod is None):
-        raise ValueError("block_mask_from_blocks: partial_blocks and mask_mod go together")
-    full_blocks = full_blocks.to(device=device, dtype=torch.bool)
-    partial_blocks = torch.zeros_like(full_blocks) if partial_blocks is None else partial_blocks.to(device, torch.bool)
-    full_counts, full_indices = _block_lists(full_blocks)
-    counts, indices = _block_lists(partial_blocks)  # separate tensors: aliased inputs break the CPU kernel
-    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod, seq_lengths=(length, length))
+    def density(self) -> float: ...
+
+    def gather_plan(self, device: torch.device | str) -> GatherPlan: ...
+
+    def block_mask(self, device: torch.device | str) -> Any: ...  # FlexAttention BlockMask
+
+    def reference_mask(self, device: torch.device | str) -> torch.Tensor: ...  # BoolTensor [L, L]
 
 
-def block_mask_from_mask_mod(mask_mod: Callable, length: int, block_size: int, device: torch.device | str):
-    """A FlexAttention BlockMask from a token-level `mask_mod(b, h, q_idx, kv_idx)` (partial blocks evaluate it)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+class StaticBlockSparseBackend(AttentionBackend):
+    """A sparse method whose mask depends only on (grid, options). Subclasses set `name` (also the AttentionConfig
+    field holding the options) and implement `build_layout(grid, options)`."""
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=str(device),
-                             BLOCK_SIZE=block_size)
+    sparse = True
 
+    def build_layout(self, grid: tuple[int, int, int], options: Any) -> StaticLayout:
+        raise NotImplementedError
 
-def choose_impl(method: str, impl: str, q: torch.Tensor) -> str:
-    """'fast', 'gather' or 'reference' for this call, per `impl` (auto | fast | gather | reference).
+    def options(self, config: AttentionConfig) -> Any:
+        return getattr(config, self.name)
 
-    fast: FlexAttention; raises BackendUnavailable where it cannot run the call (no FlexAttention, or a gradient on
-    CPU, where compiled Flex has no backward). gather / reference: that path (plain PyTorch, any device, backward).
-    auto: CPU -> gather, forward and backward (AUTO_GATHER_ON_CPU: measured faster than Flex and the reference there).
-    CUDA -> fast where FlexAttention can run the call, else reference.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"attention.impl must be one of {list(IMPLS)}, got {impl!r}")
-    if impl in ("gather", "reference"):
-        return impl
-    if impl == "auto" and AUTO_GATHER_ON_CPU and q.device.type == "cpu":
-        return "gather"
-    reason = flex_unavailable_reason(q.device)
-    needs_grad = torch.is_grad_enabled() and q.requires_grad
-    if reason is None and needs_grad:
-        reason = flex_backward_reason(q.device)
-    if reason is None:
-        return "fast"
-    if impl == "fast":
-        raise BackendUnavailable(f"{method} (impl=fast): {reason}; use attention.impl=auto, gather or reference")
-    return "reference"
+    def _key(self, grid, options, what: str, device=None) -> tuple:
+        return (self.name, what, tuple(grid), dataclasses.astuple(options), str(device) if device else None)
 
+    def layout(self, ctx: AttentionContext) -> StaticLayout:
+        opts = self.options(ctx.config)
+        return ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "layout"),
+                                           lambda: self.build_layout(tuple(ctx.grid), opts))
 
-def fast_unavailable_note(device: torch.device | str | None) -> str | None:
-    """Why the fast path will not be used for training on `device` (None if it will), for `available()`."""
-    reason = flex_unavailable_reason(device)
-    if reason is not None:
-        return f"fast path unavailable ({reason}); runs the reference path (explicit mask + SDPA)"
-    return None
+    def implementation_note(self, device: torch.device) -> str:
+        return auto_note(device)
 
+    def implementation(self, impl: str, device: torch.device | str = "cpu", needs_grad: bool = False) -> str:
+        """The path a call runs: 'fast', 'gather' or 'reference' (vdiff.attention.policy)."""
+        return choose_impl(self.name, impl, device, needs_grad)
 
-# --------------------------------------------------------------------------------------------------------------------
-# Gather path: block-sparse attention as batched dense SDPA over gathered key/value blocks (impl=gather).
-# --------------------------------------------------------------------------------------------------------------------
+    def token_order(self, grid: tuple[int, int, int], config: AttentionConfig) -> torch.Tensor | None:
+        return self.build_layout(tuple(grid), self.options(config)).perm
 
+    def density(self, ctx: AttentionContext) -> float:
+        opts = self.options(ctx.config)
+        return ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "density"), lambda: self.layout(ctx).density())
 
-GATHER_CHUNK_BYTES = 8 << 20  # gathered K per SDPA call (see gather_attention)
-
-
-@dataclass(frozen=True)
-class GatherBucket:
-    """`groups` query groups of `q_len` queries, each attending its own `kv_len` keys: one SDPA call per chunk of
-    groups, no mask. q_index [groups * q_len / unit] / kv_index [groups * kv_len / unit]: indices of `unit`-token runs,
-    group after group. `part` 0 holds every query once (its whole key set, or the part it shares with its neighbours);
-    `part` 1 the rest of some queries' key sets, merged with part 0 by log-sum-exp."""
-
-    groups: int
-    q_len: int
-    kv_len: int
-    q_index: torch.Tensor
-    kv_index: torch.Tensor
-    part: int = 0
-
-
-@dataclass(frozen=True)
-class GatherPlan:
-    """Index tensors of the gather path. Tokens move in runs of `unit` (the gcd of every block start and size), so a
-    gather copies unit * H * D contiguous values per index. Every query is in exactly one part-0 group and at most
-    one part-1 group; a query's key sets in the two parts are disjoint."""
-
-    buckets: tuple[GatherBucket, ...]
-    length: int
-    unit: int
-
-    @property
-    def num_pairs(self) -> int:
-        """(query, key) pairs computed: the pattern's pairs exactly (no padding)."""
-        return sum(b.groups * b.q_len * b.kv_len for b in self.buckets)
-
-    @property
-    def split(self) -> bool:
-        """Whether some key sets are split in two parts (the forward then merges partial softmaxes)."""
-        return any(b.part for b in self.buckets)
-
-
-def token_ranges(starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Concatenated token ranges [start, start + size) of blocks, in the given order: LongTensor [sum(sizes)]."""
-    offsets = torch.cumsum(sizes, 0) - sizes  # where each block's run begins in the output
-    return torch.arange(int(sizes.sum())) + torch.repeat_interleave(starts - offsets, sizes)
-
-
-def shared_key_sets(kept: torch.Tensor, query_sizes: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """Per query block, the key blocks it shares with the consecutive query blocks of its group: BoolTensor [Nq, Nk].
-
-    Groups are runs of consecutive query blocks (at most `max_tokens` queries), grown greedily while sharing lowers
-    the number of key blocks gathered in all; each member's shared set is the intersection of the group's rows (never
-    empty: it starts as the first member's row)."""
-    shared = torch.zeros_like(kept)
-    n, r = kept.shape[0], 0
-    while r < n:
-        common, tokens, e = kept[r].clone(), int(query_sizes[r]), r + 1
-        while e < n and tokens + int(query_sizes[e]) <= max_tokens:
-            both = common & kept[e]
-            members = e - r
-            # Joining saves gathering `both` for the newcomer but makes the members gather what `common` loses:
-            # worth it while members * |both| >= (members - 1) * |common| (counted in key blocks).
-            shared_blocks = int(both.sum())
-            if shared_blocks == 0 or members * shared_blocks < (members - 1) * int(common.sum()):
-                break
-            common, tokens, e = both, tokens + int(query_sizes[e]), e + 1
-        shared[r:e] = common
-        r = e
-    return shared
-
-
-def gather_plan(starts: torch.Tensor, sizes: torch.Tensor, kept: torch.Tensor, device: torch.device | str,
-                query_starts: torch.Tensor | None = None, query_sizes: torch.Tensor | None = None,
-                share_tokens: int = 0) -> GatherPlan:
-    """Index tensors for `gather_attention`, from a block-level pattern over contiguous token blocks.
-
-    starts, sizes: LongTensor [Nk], the token range [start, start + size) of each key block (blocks cover [0, L) with
-    no overlap; sizes may differ, e.g. a partial last block or partial tiles). Query blocks are the same blocks unless
-    query_starts / query_sizes [Nq] are given. kept: BoolTensor [Nq, Nk], query block -> key blocks it attends (whole
-    blocks). Query blocks with the same row of `kept` are merged into one group (fewer, larger gathers); groups with
-    the same (queries, keys) counts share one bucket, so no bucket needs a mask or padding.
-
-    share_tokens > 0 splits each key set in two (`shared_key_sets`): the part a run of up to `share_tokens`
-    consecutive queries has in common runs as one large SDPA per run (part 0), each query block's remaining keys
-    as a smaller one (part 1); the forward merges the two partial softmaxes exactly. This suits patterns where
-    neighbouring query blocks share most keys but rarely all (radial's bands): fewer, larger gathers and calls.
-    """
-    query_starts = starts if query_starts is None else query_starts
-    query_sizes = sizes if query_sizes is None else query_sizes
-    if kept.shape != (query_starts.numel(), starts.numel()):
-        raise ValueError(f"gather_plan: kept is {tuple(kept.shape)}, expected ({query_starts.numel()}, "
-                         f"{starts.numel()})")
-    length = int(sizes.sum())
-    if int(query_sizes.sum()) != length:
-        raise ValueError(f"gather_plan: query blocks cover {int(query_sizes.sum())} tokens, key blocks {length}")
-    empty = ~kept.any(1)
-    if empty.any():
-        raise ValueError(f"gather_plan: query block(s) {empty.nonzero().flatten().tolist()[:8]} attend no key block")
-    unit = math.gcd(*torch.cat([starts, sizes, query_starts, query_sizes]).tolist())
-    shared = shared_key_sets(kept, query_sizes, share_tokens) if share_tokens > 0 else kept
-    assert shared.any(1).all(), "gather_plan: every query block needs keys in part 0"  # its output buffer is empty()
-    groups: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for part, part_rows in enumerate((shared, kept & ~shared)):
-        has_keys = part_rows.any(1).nonzero().flatten()
-        if has_keys.numel() == 0:
-            continue
-        rows, group_of = torch.unique(part_rows[has_keys], dim=0, return_inverse=True)  # (G, Nk) distinct key sets
-        for g in range(rows.shape[0]):
-            members = has_keys[group_of == g]
-            kb = rows[g].nonzero().flatten()
-            q_units = token_ranges(query_starts[members] // unit, query_sizes[members] // unit)
-            kv_units = token_ranges(starts[kb] // unit, sizes[kb] // unit)
-            groups.setdefault((part, q_units.numel() * unit, kv_units.numel() * unit), []).append((q_units, kv_units))
-    buckets = [GatherBucket(len(members), q_len, kv_len, torch.cat([m[0] for m in members]).to(device),
-                            torch.cat([m[1] for m in members]).to(device), part)
-               for (part, q_len, kv_len), members in sorted(groups.items())]
-    return GatherPlan(tuple(buckets), length, unit)
-
-
-def _chunks(plan: GatherPlan, batch: int, token_bytes: int, chunk_bytes: int, device: torch.device):
-    """Yield (q_rows, kv_rows, sdpa_batch, q_len, kv_len, part) per SDPA call: row indices into [B * L / unit, ...]
-    views (batch-major), a few groups of one bucket at a time so that the gathered K stays under `chunk_bytes`."""
-    u, n = plan.unit, plan.length // plan.unit
-    batch_offsets = torch.arange(0, batch * n, n, device=device)[:, None]  # [B, 1] first row of each batch element
-
-    def rows(index: torch.Tensor) -> torch.Tensor:
-        return index if batch == 1 else (batch_offsets + index).flatten()  # [B * len(index)]
-
-    for b in plan.buckets:
-        per = max(1, min(b.groups, chunk_bytes // (token_bytes * b.kv_len)))  # groups per SDPA call
-        for q_idx, kv_idx in zip(b.q_index.split(per * b.q_len // u), b.kv_index.split(per * b.kv_len // u)):
-            yield rows(q_idx), rows(kv_idx), batch * (q_idx.numel() * u // b.q_len), b.q_len, b.kv_len, b.part
-
-
-def _as_sdpa(rows: torch.Tensor, sdpa_batch: int, length: int, heads: int) -> torch.Tensor:
-    """Gathered rows [sdpa_batch * length / u, u * H * D] -> [sdpa_batch, H, length, D] (a view)."""
-    return rows.view(sdpa_batch, length, heads, -1).transpose(1, 2)
-
-
-def _from_sdpa(out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """[sdpa_batch, H, length, D] -> rows [sdpa_batch * length / u, u * H * D] (`shape`)."""
-    return out.transpose(1, 2).reshape(shape)
-
-
-def _lse_to_rows(lse: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Log-sum-exp [sdpa_batch, H, length] -> rows [sdpa_batch * length / u, u * H]."""
-    return lse.transpose(1, 2).reshape(num_rows, -1)
-
-
-def _lse_from_rows(rows: torch.Tensor, sdpa_batch: int, length: int, heads: int) -> torch.Tensor:
-    """Rows [sdpa_batch * length / u, u * H] -> log-sum-exp [sdpa_batch, H, length] (contiguous, as the kernels take)."""
-    return rows.view(sdpa_batch, length, heads).transpose(1, 2).contiguous()
-
-
-def _cpu_flash(q: torch.Tensor) -> bool:
-    """Use the CPU flash kernel's own forward (which returns the log-sum-exp) and backward ops. Elsewhere the same
-    two steps run as plain matmuls (`_attention_lse`, `_attention_lse_backward`)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention [b, H, n, D] that also returns the log-sum-exp of each query's scores [b, H, n] (fp32 or
-    wider), so that attention over disjoint key sets can be merged exactly."""
-    wide = torch.promote_types(q.dtype, torch.float32)
-    s = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    lse = torch.logsumexp(s, dim=-1)
-    return ((s - lse[..., None]).exp() @ v.to(wide)).to(q.dtype), lse
-
-
-def _attention_lse_backward(grad_out, q, k, v, out, lse):
-    """Gradients of the attention of q over (k, v) whose softmax is normalised by `lse` (the query's log-sum-exp over
-    ALL its keys) and whose output over all keys is `out`: the exact share of this key set in the full gradient."""
-    wide = torch.promote_types(q.dtype, torch.float32)
-    go, q_, k_, v_, o_ = (t.to(wide) for t in (grad_out, q, k, v, out))
-    scale = q.shape[-1] ** -0.5
-    p = ((q_ @ k_.transpose(-1, -2)) * scale - lse[..., None]).exp()  # [b, H, n, m]
-    ds = p * (go @ v_.transpose(-1, -2) - (go * o_).sum(-1, keepdim=True))
-    return ((ds @ k_) * scale).to(q.dtype), ((ds.transpose(-1, -2) @ q_) * scale).to(q.dtype), \
-        (p.transpose(-1, -2) @ go).to(q.dtype)
-
-
-class _GatherAttention(torch.autograd.Function):
-    """Forward: per chunk, gather rows, attention with its log-sum-exp, write the output rows (a plan with two parts
-    merges each query's two partial softmaxes by their log-sum-exp). Backward: per chunk, gather again and run the
-    attention backward against the final output and log-sum-exp (exact for a part of the key set too), adding the row
-    gradients into one dq / dk / dv. CPU: the flash kernel's own forward and backward ops; elsewhere plain matmuls.
-    Plain autograd through index_select would allocate a zero gradient the size of K for every chunk and sum them
-    (measured: as slow as the reference path); this also keeps no gathered K/V alive between forward and backward
-    (memory O(L))."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan: GatherPlan, chunk_bytes: int):
-        B, L, Hh, D = q.shape
-        u = plan.unit
-        q_, k_, v_ = (t.reshape(B * L // u, u * Hh * D) for t in (q, k, v))  # one index moves a run of u tokens
-        flash = _cpu_flash(q)
-        lse_dtype = torch.promote_types(q.dtype, torch.float32)
-        outs = [torch.empty_like(q_)] + ([torch.zeros_like(q_)] if plan.split else [])
-        lses = [torch.empty(B * L // u, u * Hh, dtype=lse_dtype, device=q.device)]
-        if plan.split:
-            lses.append(torch.full_like(lses[0], -math.inf))  # queries without a second part: weight 0
-        for q_rows, kv_rows, sb, q_len, kv_len, part in _chunks(plan, B, Hh * D * k.element_size(), chunk_bytes,
-                                                                q.device):
-            qc = _as_sdpa(q_.index_select(0, q_rows), sb, q_len, Hh)
-            kc = _as_sdpa(k_.index_select(0, kv_rows), sb, kv_len, Hh)
-            vc = _as_sdpa(v_.index_select(0, kv_rows), sb, kv_len, Hh)
-            if flash:
-                o, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, kc, vc)
-            else:
-                o, lse_c = _attention_lse(qc, kc, vc)
-            outs[part].index_copy_(0, q_rows, _from_sdpa(o, (q_rows.numel(), q_.shape[1])))
-            lses[part].index_copy_(0, q_rows, _lse_to_rows(lse_c, q_rows.numel()).to(lse_dtype))
-        if plan.split:
-            lse = torch.logaddexp(lses[0], lses[1])  # [rows, u * H]
-            weights = [(part_lse - lse).exp()[..., None] for part_lse in lses]
-            out = sum(o.view(-1, u * Hh, D) * w for o, w in zip(outs, weights)).to(q.dtype)
+    def attend(self, q, k, v, ctx):
+        """q, k, v: [B, L, H, D] in the layout's token order (the model applied `token_order`) -> [B, L, H, D]."""
+        if q.shape[1] != ctx.num_tokens:
+            raise ValueError(f"{self.name}: q has {q.shape[1]} tokens but grid {ctx.grid} has {ctx.num_tokens}")
+        impl = self.implementation(ctx.config.impl, q.device, needs_grad(q, k, v))
+        opts = self.options(ctx.config)
+        build = {"gather": lambda: self.layout(ctx).gather_plan(q.device),
+                 "fast": lambda: self.layout(ctx).block_mask(q.device),
+                 "reference": lambda: self.layout(ctx).reference_mask(q.device)}[impl]
+        artefact = ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, impl, q.device), build)
+        if impl == "gather":
+            out = gather_attention(q, k, v, artefact)
+        elif impl == "fast":
+            out = flex_run(q, k, v, artefact)
         else:
-            out, lse = outs[0], lses[0]
-        out = out.reshape(B, L, Hh, D)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.chunk_bytes = plan, chunk_bytes
-        return out
+            out = sdpa_attention(q, k, v, artefact)
+        # the density is cached per (grid, options) but still costs a first build: only when the call is recorded
+        return out, CallInfo(self.density(ctx) if ctx.stats is not None else float("nan"), impl)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        B, L, Hh, D = q.shape
-        u = ctx.plan.unit
-        q_, k_, v_, o_, go_ = (t.reshape(B * L // u, u * Hh * D) for t in (q, k, v, out, grad_out))
-        dq, dk, dv = (torch.zeros_like(t) for t in (q_, k_, v_))
-        flash = _cpu_flash(q)
-        for q_rows, kv_rows, sb, q_len, kv_len, _ in _chunks(ctx.plan, B, Hh * D * k.element_size(), ctx.chunk_bytes,
-                                                              q.device):
-            qc = _as_sdpa(q_.index_select(0, q_rows), sb, q_len, Hh)
-            kc = _as_sdpa(k_.index_select(0, kv_rows), sb, kv_len, Hh)
-            vc = _as_sdpa(v_.index_select(0, kv_rows), sb, kv_len, Hh)
-            goc = _as_sdpa(go_.index_select(0, q_rows), sb, q_len, Hh)
-            oc = _as_sdpa(o_.index_select(0, q_rows), sb, q_len, Hh)
-            lse_c = _lse_from_rows(lse.index_select(0, q_rows), sb, q_len, Hh)
-            if flash:
-                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    goc, qc, kc, vc, oc, lse_c, 0.0, False)
-            else:
-                gq, gk, gv = _attention_lse_backward(goc, qc, kc, vc, oc, lse_c)
-            dq.index_add_(0, q_rows, _from_sdpa(gq, (q_rows.numel(), dq.shape[1])))
-            dk.index_add_(0, kv_rows, _from_sdpa(gk, (kv_rows.numel(), dk.shape[1])))
-            dv.index_add_(0, kv_rows, _from_sdpa(gv, (kv_rows.numel(), dv.shape[1])))
-        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None
-
-
-def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GatherPlan,
-                     chunk_bytes: int = GATHER_CHUNK_BYTES) -> torch.Tensor:
-    """Block-sparse attention: per bucket, gather its groups' queries and keys/values and run dense SDPA (no mask, so
-    the CPU flash kernel), then write the outputs back in token order. q, k, v: [B, L, H, D] -> [B, L, H, D].
-
-    A bucket runs a few groups at a time so that each gathered K (and V) stays under `chunk_bytes`: buffers that size
-    are reused from the allocator's heap and stay in cache, while one big gather per bucket spends most of its time
-    faulting in fresh pages (measured 3-4x slower on CPU). Differentiable (q, k, v) on any device (see
-    `_GatherAttention`); no double backward.
-    """
-    B, L, Hh, D = q.shape
-    if plan.length != L:
-        raise ValueError(f"gather_attention: q has {L} tokens, the plan was built for {plan.length}")
-    return _GatherAttention.apply(q, k, v, plan, chunk_bytes)
+    def forward(self, q, k, v, ctx):
+        return self.attend(q, k, v, ctx)[0]

@@ -35,52 +35,28 @@ Implementations (`attention.impl`), all computing exactly that block-level set:
                per block, the two partial softmaxes merged by log-sum-exp; any device, forward+backward
                (`blocksparse.gather_attention`).
     reference  the same block grid expanded to an explicit BoolTensor [L, L] + SDPA; any device, forward+backward.
-    auto       CPU: gather (inference and training). CUDA: fast, or reference where FlexAttention cannot run.
+    auto       CPU: gather (inference and training). CUDA: fast, or gather where FlexAttention cannot run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
-from vdiff.attention.blocksparse import (
-    GatherPlan,
-    block_mask_from_blocks,
-    choose_impl,
-    expand_blocks,
-    gather_attention,
-    gather_plan,
-)
-from vdiff.attention.dense import flex_run, sdpa_attention
+from vdiff.attention.blocksparse import StaticBlockSparseBackend, expand_blocks, method_options
+from vdiff.attention.flex import block_mask_from_blocks
+from vdiff.attention.gather import GatherPlan, gather_plan
 from vdiff.attention.patterns import SparsePattern, register_pattern
-from vdiff.attention.registry import AttentionBackend, AttentionContext, register_backend
+from vdiff.attention.registry import register_backend
 from vdiff.config import RadialConfig
 
 SPLIT_THRESHOLD = 128  # tokens: below this undecayed band width, far frame pairs are thinned out (paper's constant)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
-@dataclass(frozen=True)
-class RadialOptions:
-    decay_factor: float
-    block_size: int
-    sink: bool
-
-    @classmethod
-    def make(cls, config: RadialConfig | None = None, **overrides) -> RadialOptions:
-        base = dataclasses.asdict(config or RadialConfig())
-        unknown = set(overrides) - set(base)
-        if unknown:
-            raise ValueError(f"radial: unknown option(s) {sorted(unknown)}; known: {sorted(base)}")
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        opts = cls(decay_factor=float(base["decay_factor"]), block_size=int(base["block_size"]), sink=bool(base["sink"]))
-        if not opts.decay_factor > 0:
-            raise ValueError(f"attention.radial.decay_factor must be > 0, got {opts.decay_factor}")
-        if opts.block_size not in BLOCK_SIZES:
-            raise ValueError(f"attention.radial.block_size must be one of {list(BLOCK_SIZES)}, got {opts.block_size}")
-        return opts
+def radial_options(config: RadialConfig | None = None, **overrides) -> RadialConfig:
+    """RadialConfig from a config and/or keyword options (decay_factor, block_size, sink); checked by RadialConfig."""
+    return method_options(RadialConfig, "radial", config, **overrides)
 
 
 def _check_grid(grid: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -90,7 +66,7 @@ def _check_grid(grid: tuple[int, int, int]) -> tuple[int, int, int]:
     return grid
 
 
-def pair_window(dist: int, tokens_per_frame: int, opts: RadialOptions) -> int | None:
+def pair_window(dist: int, tokens_per_frame: int, opts: RadialConfig) -> int | None:
     """Band half-width |a - b| <= window for a non-sink frame pair at distance `dist`; None: the pair is dropped.
     A window >= tokens_per_frame - 1 means the whole pair."""
     p = tokens_per_frame
@@ -102,7 +78,7 @@ def pair_window(dist: int, tokens_per_frame: int, opts: RadialOptions) -> int | 
     return int(max(opts.decay_factor * undecayed, opts.block_size))  # integer distances: floor is exact
 
 
-def _pair_windows(grid: tuple[int, int, int], opts: RadialOptions) -> list[list[int | None]]:
+def _pair_windows(grid: tuple[int, int, int], opts: RadialConfig) -> list[list[int | None]]:
     """[i][j] -> band half-width for frame pair (i, j) (tokens_per_frame = whole pair), None = not attended."""
     t, h, w = grid
     p = h * w
@@ -115,10 +91,10 @@ def _pair_windows(grid: tuple[int, int, int], opts: RadialOptions) -> list[list[
     return out
 
 
-def radial_token_mask(grid: tuple[int, int, int], opts: RadialOptions | None = None, **options) -> torch.Tensor:
+def radial_token_mask(grid: tuple[int, int, int], opts: RadialConfig | None = None, **options) -> torch.Tensor:
     """The token-level radial rule as BoolTensor [L, L] over frame-major tokens (before block reduction)."""
     grid = _check_grid(grid)
-    opts = opts or RadialOptions.make(**options)
+    opts = opts or radial_options(**options)
     t, h, w = grid
     p = h * w
     idx = torch.arange(p)
@@ -131,14 +107,14 @@ def radial_token_mask(grid: tuple[int, int, int], opts: RadialOptions | None = N
     return mask
 
 
-def radial_block_grid(grid: tuple[int, int, int], opts: RadialOptions | None = None, **options) -> torch.Tensor:
+def radial_block_grid(grid: tuple[int, int, int], opts: RadialConfig | None = None, **options) -> torch.Tensor:
     """The blocks the kernel computes: BoolTensor [N, N], N = ceil(L / block_size), over frame-major tokens.
 
     Vectorised per frame pair on counts (no [L, L] tensor): count[R, b] = rows of block R inside frame i with
     |a - b| <= window, for each key b of frame j. Fast at Wan sizes (e.g. (18, 48, 80): 69k tokens).
     """
     grid = _check_grid(grid)
-    opts = opts or RadialOptions.make(**options)
+    opts = opts or radial_options(**options)
     t, h, w = grid
     p, bs = h * w, opts.block_size
     length = t * p
@@ -185,7 +161,7 @@ def _reduce_pair(p: int, bs: int, window: int, row_off: int, col_off: int, b_loc
 def _radial_pattern(grid, *, q=None, k=None, layer=0, **options) -> SparsePattern:
     """Options: decay_factor, block_size, sink (defaults: `RadialConfig`)."""
     grid = _check_grid(grid)
-    opts = RadialOptions.make(**options)
+    opts = radial_options(**options)
     blocks = radial_block_grid(grid, opts)
     length = grid[0] * grid[1] * grid[2]
     density = _block_grid_density(blocks, opts.block_size, length)
@@ -234,52 +210,40 @@ def radial_gather_plan(blocks: torch.Tensor, block_size: int, length: int, devic
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class RadialBackend(AttentionBackend):
+class RadialLayout:
+    """Radial's pattern for one (grid, options): the kernel's block grid and what each implementation needs."""
+
+    perm = None  # frame-major: radial needs no reorder
+
+    def __init__(self, grid: tuple[int, int, int], opts: RadialConfig):
+        self.grid, self.opts = _check_grid(grid), opts
+        self.length = self.grid[0] * self.grid[1] * self.grid[2]
+        self.blocks = radial_block_grid(self.grid, opts)  # [N, N]
+
+    def density(self) -> float:
+        return _block_grid_density(self.blocks, self.opts.block_size, self.length)
+
+    def gather_plan(self, device: torch.device | str) -> GatherPlan:
+        return radial_gather_plan(self.blocks, self.opts.block_size, self.length, device)
+
+    def block_mask(self, device: torch.device | str):
+        return block_mask_from_blocks(self.blocks, self.opts.block_size, self.length, device)
+
+    def reference_mask(self, device: torch.device | str) -> torch.Tensor:
+        return expand_blocks(self.blocks, self.opts.block_size, self.length).to(device)
+
+
+class RadialBackend(StaticBlockSparseBackend):
     name = "radial"
-    sparse = True
     description = (
         "radial attention (static, frame-major): fast = FlexAttention block mask (GPU; on CPU forward only, compiled "
         "Flex has no backward), gather = SDPA over gathered key blocks, reference = explicit mask + SDPA (both any "
-        "device, with backward). impl=auto: CPU gather (inference and training), CUDA fast; impl=fast with a "
-        "gradient on CPU raises."
+        "device, with backward). impl=auto: CPU gather (inference and training), CUDA fast (gather where "
+        "FlexAttention cannot run); impl=fast with a gradient on CPU raises."
     )
 
-    def _key(self, ctx: AttentionContext, opts: RadialOptions, what: str, device=None):
-        return ("radial", what, tuple(ctx.grid), dataclasses.astuple(opts), str(device) if device else None)
-
-    def _blocks(self, ctx: AttentionContext, opts: RadialOptions) -> torch.Tensor:
-        return ctx.mask_cache.get_or_build(self._key(ctx, opts, "blocks"), lambda: radial_block_grid(ctx.grid, opts))
-
-    def density(self, ctx: AttentionContext) -> float:
-        opts = RadialOptions.make(ctx.config.radial)
-        length = ctx.num_tokens
-        return ctx.mask_cache.get_or_build(
-            self._key(ctx, opts, "density"),
-            lambda: _block_grid_density(self._blocks(ctx, opts), opts.block_size, length),
-        )
-
-    def forward(self, q, k, v, ctx):
-        opts = RadialOptions.make(ctx.config.radial)
-        length = ctx.num_tokens
-        if q.shape[1] != length:
-            raise ValueError(f"radial: q has {q.shape[1]} tokens but grid {ctx.grid} has {length}")
-        impl = choose_impl("radial", ctx.config.impl, q)
-        if impl == "gather":
-            plan = ctx.mask_cache.get_or_build(self._key(ctx, opts, "gather", q.device),
-                                               lambda: radial_gather_plan(self._blocks(ctx, opts), opts.block_size,
-                                                                          length, q.device))
-            return gather_attention(q, k, v, plan)
-        if impl == "fast":
-            block_mask = ctx.mask_cache.get_or_build(
-                self._key(ctx, opts, "flex", q.device),
-                lambda: block_mask_from_blocks(self._blocks(ctx, opts), opts.block_size, length, q.device),
-            )
-            return flex_run(q, k, v, block_mask)
-        mask = ctx.mask_cache.get_or_build(
-            self._key(ctx, opts, "mask", q.device),
-            lambda: expand_blocks(self._blocks(ctx, opts), opts.block_size, length).to(q.device),
-        )
-        return sdpa_attention(q, k, v, mask)
+    def build_layout(self, grid: tuple[int, int, int], options: RadialConfig) -> RadialLayout:
+        return RadialLayout(grid, options)
 
 
 register_backend(RadialBackend())

@@ -2,6 +2,7 @@
 
 Layout everywhere is Wan's: q, k, v and the output are `[B, L, H, D]`. A backend registers once with a capability
 check that says *why* it cannot run (no silent fallback: asking for one that cannot run raises with that reason).
+Capability answers are cached per (backend, device type), so a call does not re-ask them.
 
 Which backend runs a call is decided from the context only:
     ctx.config.backend            dense | radial | vmoba | sliding_tile
@@ -11,6 +12,10 @@ Which backend runs a call is decided from the context only:
 Sparse backends may reorder tokens once per forward (`token_order`); the model applies that permutation after
 patch embedding and restores frame-major order before unpatchify, so dense layers see the same tokens permuted,
 which dense attention does not notice.
+
+Backends keep no per-call state: what a call computed (its density, the implementation that ran) is returned by
+`AttentionBackend.attend` and recorded by `dispatch` in the call's `AttentionStats`, so concurrent calls on one
+shared backend object (server workers) never read each other's numbers.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 
 import torch
 
-from vdiff.config import AttentionConfig
+from vdiff.config import AttentionConfig, ConfigError
+from vdiff.runtime import default_device
 
 DENSE_KERNELS = ("sdpa", "flex", "xformers", "flash")
 
@@ -69,11 +75,8 @@ class MaskCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or DEFAULT_MASK_CACHE` must keep it)
+    def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or default` must keep it)
         return True
-
-
-DEFAULT_MASK_CACHE = MaskCache()
 
 
 @dataclass
@@ -83,16 +86,27 @@ class AttentionStats:
     calls: int = 0
     density_sum: float = 0.0
     by_backend: dict[str, int] = field(default_factory=dict)
+    by_impl: dict[str, int] = field(default_factory=dict)  # "radial:gather" -> calls: the path each call ran
 
-    def record(self, backend: str, density: float) -> None:
+    def record(self, backend: str, density: float, impl: str | None = None) -> None:
         self.calls += 1
         self.density_sum += density
         self.by_backend[backend] = self.by_backend.get(backend, 0) + 1
+        key = f"{backend}:{impl or backend}"
+        self.by_impl[key] = self.by_impl.get(key, 0) + 1
 
     @property
     def density(self) -> float:
         """Mean fraction of (query, key) pairs computed per self-attention call (1.0 = dense)."""
         return self.density_sum / self.calls if self.calls else 1.0
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What one backend call computed: the fraction of (query, key) pairs and the implementation that ran."""
+
+    density: float
+    impl: str
 
 
 @dataclass
@@ -101,6 +115,8 @@ class AttentionContext:
 
     grid: the token grid (T, H, W) after patching; L == T * H * W (frame-major unless the backend reordered).
     layer / step / timestep: position in the network and in the denoising loop (step None = training / unknown).
+    mask_cache: where static masks live; a fresh one per context unless the caller passes a longer-lived one (the
+    `mask` cache hook does), so one forward builds each mask once and nothing is kept behind the caller's back.
     """
 
     grid: tuple[int, int, int]
@@ -108,10 +124,10 @@ class AttentionContext:
     layer: int = 0
     step: int | None = None
     timestep: torch.Tensor | None = None
-    mask_cache: MaskCache = field(default_factory=lambda: DEFAULT_MASK_CACHE)
+    mask_cache: MaskCache = field(default_factory=MaskCache)
     stats: AttentionStats | None = None
     # Sequence parallel: an object with `gather(q, k, v) -> (q, k, v)` (full sequence, fewer heads) and
-    # `scatter(out) -> out` (back to the local sequence shard); see vdiff.parallel.
+    # `scatter(out) -> out` (back to the local sequence shard); set by vdiff.parallel's hook, never by the model.
     sequence_parallel: Any = None
 
     @property
@@ -129,7 +145,8 @@ class AttentionContext:
 
 
 class AttentionBackend:
-    """Base class. Subclasses set `name`, implement `forward`, and say why they cannot run in `unavailable_reason`."""
+    """Base class. Subclasses set `name`, implement `forward` (or `attend`, to report a per-call density), and say why
+    they cannot run in `unavailable_reason`."""
 
     name: str = ""
     description: str = ""
@@ -143,13 +160,24 @@ class AttentionBackend:
         """None if backward works on `device`, else why not (e.g. compiled FlexAttention on CPU)."""
         return None
 
+    def implementation_note(self, device: torch.device) -> str | None:
+        """Which implementation impl=auto runs on `device` and why (sparse backends), for `available()`."""
+        return None
+
     def token_order(self, grid: tuple[int, int, int], config: AttentionConfig) -> torch.Tensor | None:
-        """Permutation `perm` (LongTensor [L]) such that tokens_reordered = tokens_frame_major[:, perm]; None = identity."""
+        """Permutation `perm` (LongTensor [L]) such that tokens_reordered = tokens_frame_major[:, perm];
+        None = identity."""
         return None
 
     def density(self, ctx: AttentionContext) -> float:
-        """Fraction of (query, key) pairs this backend computes for `ctx` (1.0 for dense)."""
+        """Fraction of (query, key) pairs this backend computes for `ctx` (1.0 for dense; NaN where it depends on
+        q and k: read the call's `CallInfo` instead)."""
         return 1.0
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               ctx: AttentionContext) -> tuple[torch.Tensor, CallInfo]:
+        """The output [B, L, H, D] and what this call computed."""
+        return self.forward(q, k, v, ctx), CallInfo(self.density(ctx), self.name)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         raise NotImplementedError
@@ -159,17 +187,40 @@ class AttentionBackend:
 
 
 _REGISTRY: dict[str, AttentionBackend] = {}
+_CAPABILITY: dict[tuple[str, str], str | None] = {}  # (backend, device type) -> unavailable reason
+_CAPABILITY_LOCK = threading.Lock()
 
 
 def register_backend(backend: AttentionBackend) -> AttentionBackend:
     if not backend.name:
         raise ValueError("an attention backend needs a name")
     _REGISTRY[backend.name] = backend
+    clear_capability_cache()
     return backend
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (tests remove what they register)."""
+    if _REGISTRY.pop(name, None) is None:
+        raise KeyError(f"no attention backend named {name!r}; registered: {sorted(_REGISTRY)}")
+    clear_capability_cache()
+
+
+def clear_capability_cache() -> None:
+    """Forget cached capability answers (after installing a package, or in tests that change what a device can do)."""
+    with _CAPABILITY_LOCK:
+        _CAPABILITY.clear()
+
+
+def _unavailable(backend: AttentionBackend, device: torch.device) -> str | None:
+    key = (backend.name, device.type)
+    with _CAPABILITY_LOCK:
+        if key in _CAPABILITY:
+            return _CAPABILITY[key]
+    reason = backend.unavailable_reason(device)
+    with _CAPABILITY_LOCK:
+        _CAPABILITY[key] = reason
+    return reason
 
 
 @dataclass(frozen=True)
@@ -181,26 +232,46 @@ class BackendStatus:
     backward_reason: str | None
     sparse: bool
     description: str
+    implementation: str | None = None  # sparse backends: what impl=auto runs on this device, and why
 
     def __str__(self) -> str:
         state = "yes" if self.available else f"no ({self.reason})"
         bwd = "yes" if self.backward else f"no ({self.backward_reason})"
-        return f"{self.name:13s} runs: {state}; backward: {bwd}"
+        impl = f"; {self.implementation}" if self.implementation else ""
+        return f"{self.name:13s} runs: {state}; backward: {bwd}{impl}"
 
 
 def available(device: torch.device | str | None = None) -> dict[str, BackendStatus]:
-    """Every registered backend with whether it can run on `device` here (forward and backward) and why not."""
+    """Every registered backend with whether it can run on `device` here (forward and backward), why not, and for
+    the sparse ones which implementation impl=auto uses there."""
     _load_builtin_backends()
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     out = {}
     for name, backend in _REGISTRY.items():
-        reason = backend.unavailable_reason(device)
+        reason = _unavailable(backend, device)
         bwd_reason = reason or backend.backward_reason(device)
         out[name] = BackendStatus(
             name=name, available=reason is None, reason=reason, backward=bwd_reason is None,
             backward_reason=bwd_reason, sparse=backend.sparse, description=backend.description,
+            implementation=backend.implementation_note(device) if reason is None else None,
         )
     return out
+
+
+def backend_names() -> list[str]:
+    """Names a config may use for `attention.backend`: dense and every registered backend that is not one of the
+    dense kernels (those are chosen with `attention.kernel`)."""
+    _load_builtin_backends()
+    return sorted({"dense", *(name for name in _REGISTRY if name not in DENSE_KERNELS)})
+
+
+def check_names(config: AttentionConfig) -> None:
+    """Raise ConfigError if `config` names a backend or dense kernel that is not registered (config build time)."""
+    if config.kernel not in DENSE_KERNELS:
+        raise ConfigError(f"attention.kernel must be one of {list(DENSE_KERNELS)}, got {config.kernel!r}")
+    names = backend_names()
+    if config.backend not in names:
+        raise ConfigError(f"attention.backend must be one of {names}, got {config.backend!r}")
 
 
 def get_backend(name: str, device: torch.device | str | None = None) -> AttentionBackend:
@@ -211,7 +282,7 @@ def get_backend(name: str, device: torch.device | str | None = None) -> Attentio
     if name not in _REGISTRY:
         raise BackendUnavailable(f"unknown attention backend {name!r}; registered: {sorted(_REGISTRY)}")
     backend = _REGISTRY[name]
-    reason = backend.unavailable_reason(torch.device(device) if device is not None else _default_device())
+    reason = _unavailable(backend, torch.device(device) if device is not None else default_device())
     if reason is not None:
         raise BackendUnavailable(f"attention backend {name!r} cannot run here: {reason}")
     return backend
@@ -239,24 +310,24 @@ def resolve(ctx: AttentionContext) -> str:
 
 
 def token_order(config: AttentionConfig, grid: tuple[int, int, int], device: torch.device | str,
-                mask_cache: MaskCache | None = None) -> torch.Tensor | None:
+                mask_cache: MaskCache) -> torch.Tensor | None:
     """The token permutation the configured backend wants for `grid` (None = keep frame-major), cached."""
     if config.backend == "dense":
         return None
     backend = get_backend(config.backend, device)
-    cache = mask_cache if mask_cache is not None else DEFAULT_MASK_CACHE
-    key = ("token_order", config.backend, tuple(grid), _options_key(config), str(torch.device(device)))
+    key = ("token_order", config.backend, tuple(grid), options_key(config), str(torch.device(device)))
 
     def build() -> torch.Tensor | None:
         perm = backend.token_order(tuple(grid), config)
         return None if perm is None else perm.to(device)
 
-    return cache.get_or_build(key, build)
+    return mask_cache.get_or_build(key, build)
 
 
-def _options_key(config: AttentionConfig) -> Hashable:
+def options_key(config: AttentionConfig) -> Hashable:
+    """A hashable key of the configured sparse method's options (for caches)."""
     opts = getattr(config, config.backend, None)
-    return repr(dataclasses.asdict(opts)) if dataclasses.is_dataclass(opts) else None
+    return dataclasses.astuple(opts) if dataclasses.is_dataclass(opts) else None
 
 
 def dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -266,11 +337,11 @@ def dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCo
     sp = ctx.sequence_parallel
     if sp is not None:
         q, k, v = sp.gather(q, k, v)  # [B, L_local, H, D] -> [B, L, H/N, D]
-    out = backend.forward(q, k, v, ctx)
+    out, info = backend.attend(q, k, v, ctx)
     if sp is not None:
         out = sp.scatter(out)  # [B, L, H/N, D] -> [B, L_local, H, D]
     if ctx.stats is not None:
-        ctx.stats.record(name, backend.density(ctx))
+        ctx.stats.record(name, info.density, info.impl)
     return out
 
 
@@ -286,8 +357,4 @@ def _load_builtin_backends() -> None:
     import importlib
 
     for module in ("dense", "radial", "vmoba", "sliding_tile"):
-        try:
-            importlib.import_module(f"vdiff.attention.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"vdiff.attention.{module}":
-                raise
+        importlib.import_module(f"vdiff.attention.{module}")

@@ -24,7 +24,7 @@ Implementations (`attention.impl`), over tile-major tokens (the order the model 
                device, forward+backward (the backward reruns each chunk's attention backward from the saved log-sum-exp;
                `blocksparse.gather_attention`).
     reference  explicit BoolTensor [L, L] over tile-major tokens + SDPA; any device, forward+backward.
-    auto       CPU: gather (inference and training). CUDA: fast, or reference where FlexAttention cannot run.
+    auto       CPU: gather (inference and training). CUDA: fast, or gather where FlexAttention cannot run.
 `sparse_pattern("sliding_tile", grid, tile=..., window=...).mask()` is that set over *frame-major* tokens
 (mask_frame_major = mask_tile_major[inv][:, inv] with inv = argsort(perm)).
 """
@@ -32,44 +32,29 @@ Implementations (`attention.impl`), over tile-major tokens (the order the model 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
-from vdiff.attention.blocksparse import GatherPlan, block_mask_from_blocks, choose_impl, gather_attention, gather_plan
-from vdiff.attention.dense import flex_run, sdpa_attention
+from vdiff.attention.blocksparse import StaticBlockSparseBackend, method_options
+from vdiff.attention.flex import block_mask_from_blocks
+from vdiff.attention.gather import GatherPlan, gather_plan
 from vdiff.attention.patterns import SparsePattern, register_pattern
-from vdiff.attention.registry import AttentionBackend, AttentionContext, register_backend
-from vdiff.config import AttentionConfig, SlidingTileConfig
+from vdiff.attention.registry import register_backend
+from vdiff.config import SlidingTileConfig
 
 FLEX_BLOCK = 128  # tokens per FlexAttention block (the kernel's default sparse block)
 
 
-@dataclass(frozen=True)
-class TileOptions:
-    tile: tuple[int, int, int]
-    window: tuple[int, int, int]
-
-    @classmethod
-    def make(cls, config: SlidingTileConfig | None = None, **overrides) -> TileOptions:
-        base = dataclasses.asdict(config or SlidingTileConfig())
-        unknown = set(overrides) - set(base)
-        if unknown:
-            raise ValueError(f"sliding_tile: unknown option(s) {sorted(unknown)}; known: {sorted(base)}")
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("tile", "window"):
-            value = tuple(int(x) for x in base[name])
-            if len(value) != 3 or min(value) < 1:
-                raise ValueError(f"attention.sliding_tile.{name} must be 3 integers (t, h, w), each >= 1, got {base[name]}")
-            base[name] = value
-        return cls(tile=base["tile"], window=base["window"])
+def tile_options(config: SlidingTileConfig | None = None, **overrides) -> SlidingTileConfig:
+    """SlidingTileConfig from a config and/or keyword options (tile, window); checked by SlidingTileConfig."""
+    return method_options(SlidingTileConfig, "sliding_tile", config, **overrides)
 
 
 class TileLayout:
     """Tiles of a grid: tile id of every token (frame-major and tile-major), tile sizes, the tile-major permutation,
     and the tile-level attention matrix allowed[query tile, key tile]."""
 
-    def __init__(self, grid: tuple[int, int, int], opts: TileOptions):
+    def __init__(self, grid: tuple[int, int, int], opts: SlidingTileConfig):
         grid = tuple(int(g) for g in grid)
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"sliding_tile: grid must be (T, H, W) with every entry >= 1, got {grid}")
@@ -140,9 +125,11 @@ class TileLayout:
         sizes = self.tile_sizes
         return gather_plan(torch.cumsum(sizes, 0) - sizes, sizes, self.allowed, device)
 
+    def block_mask(self, device: torch.device | str):
+        return flex_block_mask(self, device)
 
-def _layout(grid, opts: TileOptions) -> TileLayout:
-    return TileLayout(grid, opts)
+    def reference_mask(self, device: torch.device | str) -> torch.Tensor:
+        return self.mask_tile_major().to(device)
 
 
 def flex_block_mask(layout: TileLayout, device: torch.device | str, block_size: int = FLEX_BLOCK):
@@ -160,8 +147,8 @@ def flex_block_mask(layout: TileLayout, device: torch.device | str, block_size: 
 
 def _sliding_tile_pattern(grid, *, q=None, k=None, layer=0, **options) -> SparsePattern:
     """Options: tile, window (defaults: `SlidingTileConfig`)."""
-    opts = TileOptions.make(**options)
-    layout = _layout(grid, opts)
+    opts = tile_options(**options)
+    layout = TileLayout(grid, opts)
     any_blocks, _ = layout.block_grids(FLEX_BLOCK)
     return SparsePattern(
         method="sliding_tile", grid=layout.grid, density=layout.density(), _mask_fn=layout.mask_frame_major,
@@ -185,47 +172,17 @@ register_pattern("sliding_tile", _sliding_tile_pattern)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class SlidingTileBackend(AttentionBackend):
+class SlidingTileBackend(StaticBlockSparseBackend):
     name = "sliding_tile"
-    sparse = True
     description = (
         "sliding tile attention (static, tile-major tokens): fast = FlexAttention block mask (GPU; on CPU forward "
         "only, compiled Flex has no backward), gather = SDPA over gathered key tiles, reference = explicit mask + "
-        "SDPA (both any device, with backward). impl=auto: CPU gather (inference and training), CUDA fast; "
-        "impl=fast with a gradient on CPU raises."
+        "SDPA (both any device, with backward). impl=auto: CPU gather (inference and training), CUDA fast (gather "
+        "where FlexAttention cannot run); impl=fast with a gradient on CPU raises."
     )
 
-    def _key(self, grid, opts: TileOptions, what: str, device=None):
-        return ("sliding_tile", what, tuple(grid), dataclasses.astuple(opts), str(device) if device else None)
-
-    def _layout(self, ctx: AttentionContext, opts: TileOptions) -> TileLayout:
-        return ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "layout"), lambda: _layout(ctx.grid, opts))
-
-    def token_order(self, grid: tuple[int, int, int], config: AttentionConfig) -> torch.Tensor:
-        return _layout(grid, TileOptions.make(config.sliding_tile)).perm
-
-    def density(self, ctx: AttentionContext) -> float:
-        opts = TileOptions.make(ctx.config.sliding_tile)
-        return ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "density"),
-                                           lambda: self._layout(ctx, opts).density())
-
-    def forward(self, q, k, v, ctx):
-        """q, k, v: [B, L, H, D] over *tile-major* tokens (the model applied `token_order`)."""
-        opts = TileOptions.make(ctx.config.sliding_tile)
-        if q.shape[1] != ctx.num_tokens:
-            raise ValueError(f"sliding_tile: q has {q.shape[1]} tokens but grid {ctx.grid} has {ctx.num_tokens}")
-        impl = choose_impl("sliding_tile", ctx.config.impl, q)
-        if impl == "gather":
-            plan = ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "gather", q.device),
-                                               lambda: self._layout(ctx, opts).gather_plan(q.device))
-            return gather_attention(q, k, v, plan)
-        if impl == "fast":
-            block_mask = ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "flex", q.device),
-                                                     lambda: flex_block_mask(self._layout(ctx, opts), q.device))
-            return flex_run(q, k, v, block_mask)
-        mask = ctx.mask_cache.get_or_build(self._key(ctx.grid, opts, "mask", q.device),
-                                           lambda: self._layout(ctx, opts).mask_tile_major().to(q.device))
-        return sdpa_attention(q, k, v, mask)
+    def build_layout(self, grid: tuple[int, int, int], options: SlidingTileConfig) -> TileLayout:
+        return TileLayout(grid, options)
 
 
 register_backend(SlidingTileBackend())

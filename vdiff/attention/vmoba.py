@@ -29,13 +29,14 @@ Selection is exact **per query** (not per query block): the reference mask, the 
 Implementations (`attention.impl`); all three compute exactly the same (query, key) pairs:
     reference  explicit BoolTensor [B, H, L, L] (mask[q, k] = selected[q, chunk(k)]) + SDPA; any device; O(L^2).
     gather     pure-PyTorch varlen gather (the MoBA scheme): the selected (query, chunk) pairs are grouped by
-               (batch, head, chunk) and cut into tiles of up to 16..256 queries (about the mean group size); each tile attends its chunk's
-               keys (gathered by index, padded to the largest chunk and masked) with one batched matmul, and the
+               (batch, head, chunk) and cut into tiles of up to 16..256 queries (about the mean group size); each
+               tile attends its chunk's keys (gathered by index, padded to the largest chunk and masked) with one
+               batched matmul, and the
                per-chunk partial results are merged per query through their log-sum-exp. Any device, forward and
                backward (autograd through gather / matmul / index_add), no compile. Cost: the computed pairs plus
                padding (< one tile per group, partial chunks padded to the full chunk size), and each query is
                copied once per selected chunk, so it pays off only at low density.
-    flex       compiled FlexAttention (`dense.compiled_flex_attention`, one callable per process). Keys/values are
+    fast       compiled FlexAttention (`flex.compiled_flex_attention`, one callable per process). Keys/values are
                permuted into this layer's chunk-major order (each chunk contiguous; edge chunks partial, nothing
                padded into the attention), queries into `query_order` (sorted by their selected chunk set, so a query
                block needs few chunks). A BlockMask is built directly (`BlockMask.from_kv_blocks`, no L x L mask_mod
@@ -47,29 +48,37 @@ Implementations (`attention.impl`); all three compute exactly the same (query, k
                Per call (the partition changes every layer, so the permutation lives inside the call, not in a global
                `token_order`): 4 x B*L*H*D copies (q, k, v in; output back), stable sorts of [B, H, L], and a
                [B, H, L, C_max] bool selection. GPU: forward and backward. CPU: forward only (compiled Flex has no
-               CPU backward) and, measured, not faster than gather or dense SDPA (see AUTO_FLEX_ON_CPU).
-    auto       GPU: flex (forward and backward). CPU: gather (training and inference).
-    fast       flex where it can run the call (GPU; CPU without grad); otherwise raises BackendUnavailable.
-`last_impl` on the backend records the path of the last call ('flex' | 'gather' | 'reference').
+               CPU backward) and, measured, not faster than gather or dense SDPA (see policy.AUTO_FAST_ON_CPU).
+    auto       GPU: fast (forward and backward). CPU: gather (training and inference). The choice is
+               `vdiff.attention.policy.choose_impl`, shared with radial and sliding tile.
 `sparse_pattern("vmoba", ...).info` also reports the flex path's block density for q's device (`block_density`:
 fraction of kernel blocks visited; `block_pair_density`: token pairs inside visited blocks).
-The density that a call computed (mean over batch and heads of the selected pair fraction) is kept and returned by
-`density(ctx)`; `sparse_pattern("vmoba", grid, q=..., k=..., layer=..., **options)` gives the same set for given q/k.
+The density a call computed (mean over batch and heads of the selected pair fraction) and the path it ran are
+returned with its output (`attend`) and land in the call's AttentionStats; the backend object keeps no per-call state.
+`sparse_pattern("vmoba", grid, q=..., k=..., layer=..., **options)` gives the same set for given q/k.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from vdiff.attention.dense import compiled_flex_attention, flex_backward_reason, flex_unavailable_reason
+from vdiff.attention.blocksparse import method_options
+from vdiff.attention.flex import compiled_flex_attention, flex_backward_reason
 from vdiff.attention.patterns import SparsePattern, register_pattern
-from vdiff.attention.registry import AttentionBackend, AttentionContext, BackendUnavailable, MaskCache, register_backend
+from vdiff.attention.policy import auto_note, choose_impl, needs_grad
+from vdiff.attention.registry import (
+    AttentionBackend,
+    AttentionContext,
+    BackendUnavailable,
+    CallInfo,
+    MaskCache,
+    register_backend,
+)
 from vdiff.config import VMoBAConfig
 
 PARTITIONS = ("1d", "2d", "3d")
@@ -80,22 +89,6 @@ _TILE_BATCH_ELEMENTS = 1 << 25  # score elements per batched matmul (bounds the 
 # --------------------------------------------------------------------------------------------------------------------
 # Options and partition geometry
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def check_options(cfg: VMoBAConfig) -> None:
-    """Raise ValueError naming the field and its allowed range if `cfg` is not a valid VMoBA setting."""
-    if not isinstance(cfg.chunk_t, int) or cfg.chunk_t < 1:
-        raise ValueError(f"attention.vmoba.chunk_t must be an int >= 1, got {cfg.chunk_t!r}")
-    for name, n in (("chunk_hw", 2), ("chunk_thw", 3)):
-        value = tuple(getattr(cfg, name))
-        if len(value) != n or any(not isinstance(x, int) or x < 1 for x in value):
-            raise ValueError(f"attention.vmoba.{name} must be {n} ints >= 1, got {getattr(cfg, name)!r}")
-    if cfg.select not in ("topk", "threshold"):
-        raise ValueError(f"attention.vmoba.select must be 'topk' or 'threshold', got {cfg.select!r}")
-    if not isinstance(cfg.topk, int) or cfg.topk < 1:
-        raise ValueError(f"attention.vmoba.topk must be an int >= 1, got {cfg.topk!r}")
-    if not 0.0 < float(cfg.threshold) <= 1.0:
-        raise ValueError(f"attention.vmoba.threshold must be in (0, 1], got {cfg.threshold!r}")
 
 
 def partition_for_layer(layer: int) -> str:
@@ -463,95 +456,56 @@ def vmoba_flex(q, k, v, sel_BHLC: torch.Tensor, flex: FlexLayout) -> torch.Tenso
 # --------------------------------------------------------------------------------------------------------------------
 
 
-IMPLS = ("auto", "fast", "gather", "reference")
-# impl=auto on CPU without grad: flex or gather. Measured on 2 busy cores, grid (8, 32, 32), 4 heads, d=64, topk 3,
-# forward: flex 1.6-2.3 s, gather 0.8-2.6 s, dense SDPA ~1.1 s; flex wins only on the 1D partition (big chunks), gather
-# on 2D / 3D, and flex compiles once per shape (10-25 s). So auto keeps CPU on gather; impl=fast still runs flex there.
-AUTO_FLEX_ON_CPU = False
-
-
 class VMoBABackend(AttentionBackend):
     name = "vmoba"
     description = (
-        "VMoBA block-mixture attention (dynamic per-query chunk selection). impl=auto: flex (compiled FlexAttention, "
+        "VMoBA block-mixture attention (dynamic per-query chunk selection). impl=auto: fast (compiled FlexAttention, "
         "chunk-major keys, block mask from the selection) on GPU, forward+backward; gather (pure PyTorch varlen, "
-        "autograd) on CPU, training and inference. impl=fast = flex: GPU, or CPU forward without grad (compiled Flex "
+        "autograd) on CPU, training and inference. impl=fast: GPU, or CPU forward without grad (compiled Flex "
         "has no CPU backward: raises); impl=gather / reference force those paths (any device, with backward)."
     )
     sparse = True
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_density = float("nan")
-        self.last_impl: str | None = None  # 'flex' | 'gather' | 'reference': the path the last call ran
-
     def unavailable_reason(self, device=None):
-        return None  # gather and reference are plain PyTorch and run everywhere; flex is chosen per call
+        return None  # gather and reference are plain PyTorch and run everywhere; fast is chosen per call
 
     def backward_reason(self, device=None):
-        return None  # impl=auto trains everywhere: flex on GPU, gather on CPU (compiled Flex has no CPU backward)
+        return None  # impl=auto trains everywhere: fast on GPU, gather on CPU (compiled Flex has no CPU backward)
 
-    def flex_reason(self, device: torch.device | str, needs_grad: bool) -> str | None:
-        """None if the flex path can run a call on `device` (with a gradient if `needs_grad`), else why not."""
-        reason = flex_unavailable_reason(device)
-        if reason is None and needs_grad:
-            reason = flex_backward_reason(device)
-        return reason
+    def implementation_note(self, device: torch.device) -> str:
+        return auto_note(device)
 
     def implementation(self, impl: str, device: torch.device | str = "cpu", needs_grad: bool = False) -> str:
-        """The path a call runs: 'flex', 'gather' or 'reference'.
-
-        auto: flex where it can run the call on GPU, else gather (on CPU gather also for inference unless
-        AUTO_FLEX_ON_CPU). fast: flex (GPU; CPU without grad), or BackendUnavailable with the reason.
-        gather / reference: that path (any device, forward and backward)."""
-        if impl not in IMPLS:
-            raise ValueError(f"attention.impl must be one of {list(IMPLS)} for vmoba, got {impl!r}")
-        if impl in ("gather", "reference"):
-            return impl
-        reason = self.flex_reason(device, needs_grad)
-        if impl == "fast":
-            if reason is not None:
-                raise BackendUnavailable(f"vmoba (impl=fast = FlexAttention): {reason}; use attention.impl=auto "
-                                         "(runs gather where flex cannot), gather or reference")
-            return "flex"
-        on_cpu = torch.device(device).type == "cpu"
-        return "flex" if reason is None and (AUTO_FLEX_ON_CPU or not on_cpu) else "gather"
+        """The path a call runs: 'fast', 'gather' or 'reference' (vdiff.attention.policy)."""
+        return choose_impl("vmoba", impl, device, needs_grad)
 
     def density(self, ctx: AttentionContext) -> float:
-        """Density the last forward computed (mean over batch and heads); NaN before the first call."""
-        return self._last_density
+        """NaN: the density depends on q and k; each call reports its own (`attend`, AttentionStats)."""
+        return float("nan")
 
-    def forward(self, q, k, v, ctx):
+    def attend(self, q, k, v, ctx):
         cfg = ctx.config.vmoba
-        check_options(cfg)
         T, H, W = ctx.grid
         if q.shape[1] != T * H * W:
             raise ValueError(f"vmoba: q has {q.shape[1]} tokens but grid {ctx.grid} has {T * H * W}")
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        impl = self.implementation(ctx.config.impl, q.device, needs_grad)
+        impl = self.implementation(ctx.config.impl, q.device, needs_grad(q, k, v))
         layout = _layout_for(ctx.grid, cfg, ctx.layer, q.device, ctx.mask_cache)
         sel = select_chunks(q, k, layout, cfg)
-        if impl == "flex":
+        if impl == "fast":
             out = vmoba_flex(q, k, v, sel, _flex_layout_for(ctx.grid, cfg, ctx.layer, q.device, ctx.mask_cache))
         elif impl == "gather":
             out = vmoba_gather(q, k, v, sel, layout)
         else:
             out = vmoba_reference(q, k, v, sel, layout)
-        with self._lock:
-            self._last_density = float(selection_density(sel, layout).mean())
-            self.last_impl = impl
-        return out
+        return out, CallInfo(float(selection_density(sel, layout).mean()), impl)
+
+    def forward(self, q, k, v, ctx):
+        return self.attend(q, k, v, ctx)[0]
 
 
-def vmoba_options(**options: Any) -> VMoBAConfig:
-    """A VMoBAConfig from keyword options (the VMoBAConfig field names); unknown names raise."""
-    names = {f.name for f in dataclasses.fields(VMoBAConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ValueError(f"sparse_pattern('vmoba'): unknown option(s) {unknown}; allowed: {sorted(names)}")
-    cfg = dataclasses.replace(VMoBAConfig(), **options)
-    check_options(cfg)
-    return cfg
+def vmoba_options(config: VMoBAConfig | None = None, **options: Any) -> VMoBAConfig:
+    """A VMoBAConfig from a config and/or keyword options (its field names); checked by VMoBAConfig."""
+    return method_options(VMoBAConfig, "vmoba", config, **options)
 
 
 def vmoba_pattern(grid, *, q: torch.Tensor | None = None, k: torch.Tensor | None = None, layer: int = 0,
@@ -591,7 +545,7 @@ register_pattern("vmoba", vmoba_pattern)
 
 __all__ = [
     "ChunkLayout", "FlexLayout", "VMoBABackend", "block_stats", "flex_block_grid", "flex_block_size", "flex_layout",
-    "flex_selection", "max_chunks", "query_order", "vmoba_block_mask", "vmoba_flex", "check_options", "chunk_layout", "chunk_shape", "partition_for_layer",
-    "select_chunks", "selection_density", "token_mask", "vmoba_gather", "vmoba_options", "vmoba_pattern",
-    "vmoba_reference",
+    "flex_selection", "max_chunks", "query_order", "vmoba_block_mask", "vmoba_flex", "chunk_layout", "chunk_shape",
+    "partition_for_layer", "select_chunks", "selection_density", "token_mask", "vmoba_gather", "vmoba_options",
+    "vmoba_pattern", "vmoba_reference",
 ]

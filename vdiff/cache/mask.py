@@ -5,7 +5,7 @@ The hook injects the cache into the model's `attention_kwargs["mask_cache"]`, wr
 each call reports its own hits and misses. Without it, the pipeline passes a cache that keeps nothing, so every
 layer of every step rebuilds its mask (the honest uncached baseline). Exact: a cached mask is the mask.
 
-    apply_mask_cache(model, MaskCacheConfig())                  # process-wide DEFAULT_MASK_CACHE
+    apply_mask_cache(model, MaskCacheConfig())                  # process-wide SHARED_MASK_CACHE
     apply_mask_cache(model, MaskCacheConfig(shared=False, max_entries=16))   # a cache of this model's own
 """
 
@@ -18,12 +18,17 @@ from typing import Any, ClassVar
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
-from vdiff.attention.registry import DEFAULT_MASK_CACHE, MaskCache
+from vdiff.attention.registry import MaskCache
 from vdiff.cache import hooks
 from vdiff.cache.context import CacheCall, current_call
 
 HOOK_NAME = "vdiff.mask"
-_ATTENTION_KWARGS_POS = 5  # VideoDiT.forward(hidden_states, timestep, encoder_hidden_states, image, return_dict, attention_kwargs)
+# VideoDiT.forward(hidden_states, timestep, encoder_hidden_states, image, return_dict, attention_kwargs)
+_ATTENTION_KWARGS_POS = 5
+# The cache that MaskCacheConfig(shared=True) hooks share: one per process, so pipelines on the same model shapes
+# (server workers, a benchmark's variants) build each mask once. Only this opt-in hook uses it; a forward without a
+# mask cache gets a fresh one of its own.
+SHARED_MASK_CACHE = MaskCache()
 
 
 @dataclass
@@ -32,7 +37,7 @@ class MaskCacheConfig:
 
     name: ClassVar[str] = "mask"
     target: ClassVar[str] = "transformer"
-    shared: bool = True  # use the process-wide DEFAULT_MASK_CACHE (shared by every pipeline in the process)
+    shared: bool = True  # use the process-wide SHARED_MASK_CACHE (shared by every pipeline in the process)
     max_entries: int = 64  # size of this model's own LRU when shared=False
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ class _MaskCacheHook(ModelHook):
     def __init__(self, config: MaskCacheConfig):
         super().__init__()
         self.config = config
-        self.cache = DEFAULT_MASK_CACHE if config.shared else MaskCache(config.max_entries)
+        self.cache = SHARED_MASK_CACHE if config.shared else MaskCache(config.max_entries)
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         call = current_call()

@@ -1,8 +1,8 @@
 """Step cache (first-block cache, TeaCache-style residual reuse): skip most of the network on steps where its input
 barely changed. Two indicators (`StepCacheConfig.indicator`):
 
-"first_block" (default, diffusers' FirstBlockCache): every step runs the first block. Its residual r = block0(x) - x is compared with the residual of the last step
-that ran the whole network:
+"first_block" (default, diffusers' FirstBlockCache): every step runs the first block. Its residual r = block0(x) - x
+is compared with the residual of the last step that ran the whole network:
 
     change = mean|r - r_last| / mean|r_last|
 
@@ -58,9 +58,11 @@ class StepCacheConfig:
         if self.threshold < 0:
             raise ValueError(f"StepCacheConfig.threshold must be >= 0, got {self.threshold}")
         if self.warmup_steps < 1:
-            raise ValueError(f"StepCacheConfig.warmup_steps must be >= 1 (the first step has nothing to reuse), got {self.warmup_steps}")
+            raise ValueError(f"StepCacheConfig.warmup_steps must be >= 1 (the first step has nothing to reuse), "
+                             f"got {self.warmup_steps}")
         if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
-            raise ValueError(f"StepCacheConfig.max_consecutive_skips must be >= 1 or None, got {self.max_consecutive_skips}")
+            raise ValueError(f"StepCacheConfig.max_consecutive_skips must be >= 1 or None, "
+                             f"got {self.max_consecutive_skips}")
 
 
 class _StepState:
@@ -93,10 +95,9 @@ class _Shared:
         return call, st, call.config("step", self.config)
 
 
-def _step_of(args: tuple, kwargs: dict) -> int | None:
-    """The denoising step index from a block call's AttentionContext (its 5th argument)."""
-    ctx = args[3] if len(args) > 3 else kwargs.get("ctx")
-    return getattr(ctx, "step", None)
+def _step_of(kwargs: dict) -> int | None:
+    """The denoising step index from a block call's AttentionContext (blocks are called with keyword arguments)."""
+    return getattr(kwargs.get("ctx"), "step", None)
 
 
 def _may_skip(st: _StepState, cfg: StepCacheConfig, step: int | None) -> bool:
@@ -137,7 +138,7 @@ class _HeadBlockHook(ModelHook):
         call, st, cfg = got
         residual = out - x
         skip = False
-        if st.head_residual is not None and st.tail_residual is not None and _may_skip(st, cfg, _step_of(args, kwargs)) \
+        if st.head_residual is not None and st.tail_residual is not None and _may_skip(st, cfg, _step_of(kwargs)) \
                 and st.head_residual.shape == residual.shape:
             skip = _relative_change(call, residual, st.head_residual) <= cfg.threshold
         _decide(call, st, skip)
@@ -148,12 +149,11 @@ class _HeadBlockHook(ModelHook):
 
     def _modulated_input(self, module: nn.Module, x: torch.Tensor, got, *args, **kwargs):
         call, st, cfg = got
-        temb = args[1] if len(args) > 1 else kwargs["temb"]
-        m = module.modulated_input(x, temb)  # (B, L, D) fp32
+        m = module.modulated_input(x, kwargs["temb"])  # (B, L, D) fp32
         skip = False
         if st.modulated is not None and st.modulated.shape == m.shape:
             change = _relative_change(call, m, st.modulated)
-            if st.stack_residual is not None and _may_skip(st, cfg, _step_of(args, kwargs)) \
+            if st.stack_residual is not None and _may_skip(st, cfg, _step_of(kwargs)) \
                     and st.stack_residual.shape == x.shape:
                 skip = st.accumulated + change <= cfg.threshold
             st.accumulated = st.accumulated + change if skip else 0.0
@@ -162,7 +162,7 @@ class _HeadBlockHook(ModelHook):
         if skip:
             return x + st.stack_residual  # the tail hooks pass it through
         st.stack_input = x
-        return self.fn_ref.original_forward(x, *args, modulated=m, **kwargs)  # norm1 is not computed twice
+        return module.forward_modulated(x, m, *args, **kwargs)  # the block from m: norm1 is not computed twice
 
 
 class _TailBlockHook(ModelHook):

@@ -59,7 +59,9 @@ def _targets(model: nn.Module) -> list[nn.Module]:
         for block in model.blocks:
             mods += [block.attn2.to_k, block.attn2.norm_k, block.attn2.to_v]
     except AttributeError as err:
-        raise TypeError(f"text_kv cache needs a VideoDiT (condition_embedder.text_embedder, blocks[i].attn2): {err}") from None
+        raise TypeError(
+            f"text_kv cache needs a VideoDiT (condition_embedder.text_embedder, blocks[i].attn2): {err}"
+        ) from None
     return mods
 
 

@@ -26,7 +26,8 @@ SAMPLERS = ("unipc", "euler")
 
 
 class Cancelled(RuntimeError):
-    """Sampling was stopped by the callback (it returned False)."""
+    """Sampling stopped before its last step: the callback returned False. The server raises the same class when a
+    client cancels or goes away (`serve.worker`), so one `except Cancelled` covers both."""
 
 
 def make_scheduler(sampler: str = "unipc", shift: float = 3.0, num_train_timesteps: int = 1000) -> Any:

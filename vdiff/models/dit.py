@@ -12,6 +12,7 @@ L = T*H*W tokens, D hidden size, N heads, Dh head dim, S text tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -22,8 +23,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from vdiff.attention import AttentionContext, check_config, dispatch, token_order
-from vdiff.attention.registry import DEFAULT_MASK_CACHE
+from vdiff.attention import AttentionContext, MaskCache, check_config, dispatch, token_order
 from vdiff.config import AttentionConfig, ModelConfig
 from vdiff.models.layers import (
     FP32LayerNorm,
@@ -78,7 +78,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int, out_dim: int | None = None, approximate: str = "tanh"):
         super().__init__()
-        self.net = nn.ModuleList([GELUProj(dim, inner_dim, approximate), nn.Dropout(0.0), nn.Linear(inner_dim, out_dim or dim)])
+        self.net = nn.ModuleList(
+            [GELUProj(dim, inner_dim, approximate), nn.Dropout(0.0), nn.Linear(inner_dim, out_dim or dim)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -103,40 +105,8 @@ class ImageEmbedding(nn.Module):
         return self.norm2(self.ff(self.norm1(x)))
 
 
-class TextPool(nn.Module):
-    """vdiff's `text_pool` option: projected text tokens (B, S, D) -> one caption vector (B, D) for adaLN.
-
-    Padding rows are the all-zero rows of the text encoder's output (vdiff's and Wan's encoders zero them); a caption
-    with no real token (an all-zero negative prompt) pools to zero. "attn": a learned query per head, softmax over the
-    real tokens, values are the tokens themselves; "mean": their mean. Then a linear map into the timestep embedding.
-    """
-
-    def __init__(self, dim: int, heads: int, kind: str):
-        super().__init__()
-        self.kind = kind
-        self.heads = heads
-        if kind == "attn":
-            self.query = nn.Parameter(torch.randn(heads, dim // heads) / (dim // heads) ** 0.5)
-            self.to_k = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        # text (B, S, D) projected tokens, valid (B, S) bool
-        if self.kind == "mean":
-            w = valid.to(text.dtype) / valid.sum(1, keepdim=True).clamp(min=1).to(text.dtype)  # (B, S)
-            return self.proj((w.unsqueeze(-1) * text).sum(1))  # (B, D)
-        k = self.to_k(text).unflatten(-1, (self.heads, -1))  # (B, S, N, Dh)
-        logits = torch.einsum("bsnd,nd->bns", k, self.query.to(k.dtype)) / k.shape[-1] ** 0.5  # (B, N, S)
-        logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
-        w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no real token -> all zero
-        v = text.unflatten(-1, (self.heads, -1))  # (B, S, N, Dh)
-        pooled = torch.einsum("bns,bsnd->bnd", w, v).flatten(1)  # (B, D)
-        return self.proj(pooled)
-
-
 class ConditionEmbedder(nn.Module):
-    def __init__(self, dim: int, freq_dim: int, text_dim: int, image_dim: int | None, pos_embed_seq_len: int | None,
-                 text_pool: str | None = None, heads: int = 1):
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, image_dim: int | None, pos_embed_seq_len: int | None):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_embedder = TimestepEmbedding(freq_dim, dim)
@@ -144,17 +114,12 @@ class ConditionEmbedder(nn.Module):
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = TextProjection(text_dim, dim)
         self.image_embedder = ImageEmbedding(image_dim, dim, pos_embed_seq_len) if image_dim is not None else None
-        self.text_pool = TextPool(dim, heads, text_pool) if text_pool is not None else None
 
     def forward(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None):
         t_freq = timestep_embedding(timestep.flatten(), self.freq_dim).view(*timestep.shape, -1)  # (B[, L], Ft)
         t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)
         temb = self.time_embedder(t_freq).type_as(text)  # (B[, L], D)
         projected = self.text_embedder(text)  # (B, S, D)
-        if self.text_pool is not None:
-            valid = text.ne(0).any(-1)  # (B, S): the encoders zero the padding
-            pooled = self.text_pool(projected, valid).type_as(temb)  # (B, D)
-            temb = temb + (pooled.unsqueeze(1) if temb.ndim == 3 else pooled)
         temb_proj = self.time_proj(self.act_fn(temb))  # (B[, L], 6D)
         if image is not None:
             image = self.image_embedder(image)
@@ -234,7 +199,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class VideoDiTBlock(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float, added_kv_proj_dim: int | None):
+    def __init__(
+        self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float, added_kv_proj_dim: int | None
+    ):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn1 = SelfAttention(dim, heads, eps)
@@ -251,10 +218,8 @@ class VideoDiTBlock(nn.Module):
         return (self.scale_shift_table + temb.float()).chunk(6, dim=1)  # 6 x (B, 1, D)
 
     def modulated_input(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """What self-attention sees: norm1(x) * (1 + scale) + shift (TeaCache's change indicator), fp32."""
-        return self._modulate_sa(x, *self.modulation(temb)[:2])
-
-    def _modulate_sa(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What self-attention sees: norm1(x) * (1 + scale) + shift, fp32 (also TeaCache's change indicator)."""
+        shift, scale = self.modulation(temb)[:2]
         return self.norm1(x.float()) * (1 + scale) + shift
 
     def forward(
@@ -264,14 +229,23 @@ class VideoDiTBlock(nn.Module):
         temb: torch.Tensor,  # (B, 6, D) or per token (B, L, 6, D)
         rope: tuple[torch.Tensor, torch.Tensor],
         ctx: AttentionContext,
-        modulated: torch.Tensor | None = None,  # modulated_input(x, temb) when the caller has it already (step cache)
     ) -> torch.Tensor:
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(temb)
+        return self.forward_modulated(x, self.modulated_input(x, temb), context, temb, rope, ctx)
 
-        if modulated is None:
-            modulated = self._modulate_sa(x, shift_sa, scale_sa)
-        h = modulated.type_as(x)
-        x = (x.float() + self.attn1(h, rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
+    def forward_modulated(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        modulated: torch.Tensor,  # (B, L, D) fp32: modulated_input(x, temb)
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: AttentionContext,
+    ) -> torch.Tensor:
+        """The block from its self-attention input, for callers that computed `modulated_input` already (the step
+        cache decides from it whether to run the block at all)."""
+        _, _, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(temb)
+
+        x = (x.float() + self.attn1(modulated.type_as(x), rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
 
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context)  # (B, L, D)
@@ -291,7 +265,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
     Attention is chosen by `model.set_attention(AttentionConfig(...))` (or a backend name), or per call with
     `attention_kwargs={"attention": cfg, "step": i, "stats": AttentionStats()}`. It is not part of the saved
-    config, so checkpoints stay interchangeable with diffusers.
+    config, so checkpoints stay interchangeable with diffusers. Caches and sequence parallelism are hooks applied
+    from outside (vdiff.cache, vdiff.parallel); blocks are called with keyword arguments, which hooks read by name.
     """
 
     _supports_gradient_checkpointing = True
@@ -299,6 +274,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
     _no_split_modules = ["VideoDiTBlock"]
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+    ATTENTION_KWARGS = ("attention", "step", "timestep", "stats", "mask_cache")
 
     @register_to_config
     def __init__(
@@ -320,7 +296,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
         abs_pos_embed: bool = False,
-        text_pool: str | None = None,
     ) -> None:
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -332,12 +307,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         # vdiff option (ModelConfig.abs_pos_embed; off = Wan): fixed absolute sin-cos table x learned per-channel gain
         # (1 at init: a zero gain gets almost no gradient, the layers after it never learn to read positions)
         self.pos_embed_gain = nn.Parameter(torch.ones(dim)) if abs_pos_embed else None
-        # vdiff option (ModelConfig.text_pool; None = Wan): the caption also conditions adaLN
-        self.condition_embedder = ConditionEmbedder(
-            dim, freq_dim, text_dim, image_dim, pos_embed_seq_len, text_pool, num_attention_heads
-        )
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim, image_dim, pos_embed_seq_len)
         self.blocks = nn.ModuleList(
-            [VideoDiTBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, added_kv_proj_dim) for _ in range(num_layers)]
+            [
+                VideoDiTBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, added_kv_proj_dim)
+                for _ in range(num_layers)
+            ]
         )
         self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
@@ -347,13 +322,23 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.attention_config = AttentionConfig()
 
     @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # Checkpoints saved before `text_pool` was removed carry `"text_pool": null`: the same model, load it quietly.
+        config_dict = dict(config_dict)
+        text_pool = config_dict.pop("text_pool", None)
+        if text_pool is not None:
+            raise ValueError(f"this checkpoint uses text_pool={text_pool!r}, an option vdiff no longer has (a "
+                             "measured negative result, removed); load it with vdiff 0.1 or retrain without it")
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_model_config(cls, config: ModelConfig) -> VideoDiT:
         return cls(**config.to_vdiff())
 
     def set_attention(self, attention: AttentionConfig | str) -> None:
         """Choose the self-attention backend for later calls; raises now if it cannot run on this model's device."""
         if isinstance(attention, str):
-            attention = AttentionConfig(backend=attention) if attention != "dense" else AttentionConfig()
+            attention = AttentionConfig.named(attention)
         check_config(attention, self.device)
         self.attention_config = attention
 
@@ -373,17 +358,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
         attention_kwargs: dict[str, Any] | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         b, _, f, hl, wl = hidden_states.shape
-        pt, ph, pw = self.patch
         grid = self.token_grid((f, hl, wl))  # (T, H, W)
-        ctx = self._attention_context(grid, hidden_states.device, attention_kwargs or {})
+        ctx = self._attention_context(grid, attention_kwargs or {})
 
-        cos, sin = self.rope(grid)  # (L, 1, Dh/2) each, frame-major
-        x = self.patch_embedding(hidden_states)  # (B, D, T, H, W)
-        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
-        if self.pos_embed_gain is not None:
-            table = absolute_position_table(grid, x.shape[-1], x.device)  # (L, D), frame-major
-            x = x + (table * self.pos_embed_gain.float()).to(x.dtype)
-
+        x, rope = self.embed_tokens(hidden_states, grid)  # (B, L, D), ((L, 1, Dh/2) x 2), frame-major
         if timestep.ndim == 0:
             timestep = timestep.expand(b)
         temb, temb_proj, context, image = self.condition_embedder(
@@ -391,58 +369,72 @@ class VideoDiT(ModelMixin, ConfigMixin):
         )  # temb (B[, L], D), temb_proj (B[, L], 6D), context (B, S, D)
         temb_proj = temb_proj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, L, 6, D)
         if image is not None:
-            context = torch.cat([image, context], dim=1)
+            context = torch.cat([image, context], dim=1)  # (B, S_img + S, D)
 
         # Sparse backends want space-time neighbours in the same kernel block: reorder once, restore at the end.
-        perm = token_order(ctx.config, grid, x.device, ctx.mask_cache)
+        perm = token_order(ctx.config, grid, x.device, ctx.mask_cache)  # (L,) or None
         if perm is not None:
-            x, cos, sin = x[:, perm], cos[perm], sin[perm]
+            x, rope = x[:, perm], (rope[0][perm], rope[1][perm])
             if temb.ndim == 3:
                 temb, temb_proj = temb[:, perm], temb_proj[:, perm]
 
-        # Sequence parallel (vdiff.parallel, training): this rank keeps its chunk of the tokens, RoPE rows and
-        # per-token modulation; attention all-to-alls inside dispatch(); chunks are gathered before the output head.
-        sp = ctx.sequence_parallel
-        if sp is not None:
-            sp.check(x.shape[1], self.config.num_attention_heads)
-            x, cos, sin = sp.split(x, 1), sp.split(cos, 0), sp.split(sin, 0)  # (B, L/N, D), (L/N, 1, Dh/2)
-            if temb_proj.ndim == 4:
-                temb_proj = sp.split(temb_proj, 1)  # (B, L/N, 6, D)
-
         for i, block in enumerate(self.blocks):
-            block_ctx = ctx.for_layer(i)
+            run = functools.partial(block, context=context, temb=temb_proj, rope=rope, ctx=ctx.for_layer(i))
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, context, temb_proj, (cos, sin), block_ctx)
+                x = self._gradient_checkpointing_func(run, x)  # (B, L, D)
             else:
-                x = block(x, context, temb_proj, (cos, sin), block_ctx)  # (B, L, D)
-        if sp is not None:
-            x = sp.all_gather(x, 1)  # (B, L, D)
+                x = run(x)  # (B, L, D)
 
-        if temb.ndim == 3:  # per-token timesteps
-            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, L, D)
-        else:
-            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-        x = self.proj_out(x)  # (B, L, pt*ph*pw*C_out)
+        x = self.output_head(x, temb)  # (B, L, pt*ph*pw*C_out)
         if perm is not None:
             x = x[:, torch.argsort(perm)]  # back to frame-major
-
-        t, h, w = grid
-        x = x.reshape(b, t, h, w, pt, ph, pw, -1)
-        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, Hl, Wl)
+        out = self.unpatchify(x, grid)  # (B, C_out, F, Hl, Wl)
 
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
-    def _attention_context(self, grid, device, kwargs: dict[str, Any]) -> AttentionContext:
-        known = {"attention", "step", "timestep", "stats", "mask_cache", "sequence_parallel"}
-        unknown = set(kwargs) - known
+    def embed_tokens(self, latents: torch.Tensor, grid: tuple[int, int, int]):
+        """Latents (B, C, F, Hl, Wl) -> tokens (B, L, D) frame-major, and their RoPE tables (cos, sin)."""
+        cos, sin = self.rope(grid)  # (L, 1, Dh/2) each, frame-major
+        x = self.patch_embedding(latents)  # (B, D, T, H, W)
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
+        if self.pos_embed_gain is not None:
+            table = absolute_position_table(grid, x.shape[-1], x.device)  # (L, D), frame-major
+            x = x + (table * self.pos_embed_gain.float()).to(x.dtype)
+        return x, (cos, sin)
+
+    def output_head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """adaLN-modulated final norm and projection: (B, L, D) -> (B, L, pt*ph*pw*C_out).
+
+        Under sequence parallel the blocks ran on a shard of the tokens; vdiff.parallel's hook on `norm_out`
+        gathers them, so this head always sees every token."""
+        if temb.ndim == 3:  # per-token timesteps
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, L, D)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        return self.proj_out(x)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Frame-major patch outputs (B, L, pt*ph*pw*C_out) -> latents (B, C_out, F, Hl, Wl)."""
+        pt, ph, pw = self.patch
+        t, h, w = grid
+        x = x.reshape(x.shape[0], t, h, w, pt, ph, pw, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _attention_context(self, grid, kwargs: dict[str, Any]) -> AttentionContext:
+        if "sequence_parallel" in kwargs:
+            raise TypeError("VideoDiT: sequence parallel is applied from outside the model, "
+                            "vdiff.parallel.apply_sequence_parallel(model, sp), not through attention_kwargs")
+        unknown = set(kwargs) - set(self.ATTENTION_KWARGS)
         if unknown:
-            raise TypeError(f"VideoDiT: unknown attention_kwargs {sorted(unknown)}; known: {sorted(known)}")
+            raise TypeError(
+                f"VideoDiT: unknown attention_kwargs {sorted(unknown)}; known: {sorted(self.ATTENTION_KWARGS)}"
+            )
         config = kwargs.get("attention") or self.attention_config
         if isinstance(config, str):
-            config = AttentionConfig(backend=config)
+            config = AttentionConfig.named(config)
         elif isinstance(config, dict):
             from vdiff.config import from_dict
 
@@ -452,9 +444,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
             config=config,
             step=kwargs.get("step"),
             timestep=kwargs.get("timestep"),
-            mask_cache=kwargs.get("mask_cache") or DEFAULT_MASK_CACHE,
+            mask_cache=kwargs.get("mask_cache") or MaskCache(),  # no mask cache given: one for this forward only
             stats=kwargs.get("stats"),
-            sequence_parallel=kwargs.get("sequence_parallel"),
         )
 
 

@@ -1,6 +1,7 @@
 """Latent spaces. `PixelPatchVAE`: pixels <-> non-overlapping space-time patches stacked on channels (no weights),
 the latent space of the tiny models. `WanVAE`: diffusers' AutoencoderKLWan (Wan2.1's causal 3D VAE) from a local
-folder, with Wan's latent normalisation. `load_vae(folder)` picks the right one from the saved config.
+folder, with Wan's latent normalisation. `load_vae(folder)` picks the right one from the saved config. Each says
+which frame counts it encodes (`frame_rule`); `vdiff.limits` combines that with the transformer's patch size.
 
 Video tensors are (B, 3, F, H, W) in [-1, 1]; latents are (B, C, F', H', W').
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from vdiff.limits import FrameRule
 
 
 class PixelPatchVAE(nn.Module):
@@ -33,6 +36,11 @@ class PixelPatchVAE(nn.Module):
         if k < 1 or channels * k * k != latent_channels:
             raise ValueError(f"no (1, k, k) pixel patch gives {latent_channels} latent channels (needs {channels}*k*k)")
         return cls((1, k, k), channels)
+
+    @property
+    def frame_rule(self) -> FrameRule:
+        """Whole temporal patches only: a multiple of the temporal stride."""
+        return FrameRule(self.stride[0])
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         st, sh, sw = self.stride
@@ -91,9 +99,15 @@ class WanVAE(nn.Module):
         self.stride = (int(st), int(ss), int(ss))
         self.latent_channels = int(cfg.z_dim)
         if len(cfg.latents_mean) != self.latent_channels or len(cfg.latents_std) != self.latent_channels:
-            raise ValueError(f"AutoencoderKLWan config: latents_mean/latents_std need z_dim={self.latent_channels} values")
+            raise ValueError(f"AutoencoderKLWan config: latents_mean/latents_std need z_dim={self.latent_channels} "
+                             "values")
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+
+    @property
+    def frame_rule(self) -> FrameRule:
+        """The causal VAE encodes the first frame alone, then groups of `stride[0]`: stride[0] * k + 1 frames."""
+        return FrameRule(self.stride[0], 1)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         st, sh, sw = self.stride
@@ -115,7 +129,8 @@ class WanVAE(nn.Module):
         return next(self.vae.parameters()).dtype
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, F', H', W')."""
         msg = self.check_size(*video.shape[2:])
         if msg:

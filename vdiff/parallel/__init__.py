@@ -1,5 +1,10 @@
-"""Parallelism helpers: Ulysses sequence parallel (`SequenceParallel`) and its process groups."""
+"""Parallelism applied from outside the model: Ulysses sequence parallel (`SequenceParallel`, its hooks and groups)."""
 
-from vdiff.parallel.sequence import SequenceParallel, sequence_parallel_groups
+from vdiff.parallel.sequence import (
+    SequenceParallel,
+    apply_sequence_parallel,
+    remove_sequence_parallel,
+    sequence_parallel_groups,
+)
 
-__all__ = ["SequenceParallel", "sequence_parallel_groups"]
+__all__ = ["SequenceParallel", "apply_sequence_parallel", "remove_sequence_parallel", "sequence_parallel_groups"]

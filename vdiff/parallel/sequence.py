@@ -2,10 +2,14 @@
 swaps the split from tokens to heads, so each rank attends over the FULL sequence for H/N heads (any backend, sparse
 masks unchanged, since the backend sees the whole token grid), then a second all-to-all swaps back.
 
-    x_BLD         -> split(x)       -> [B, L/N, D]            (after patch embedding + token reorder)
+    x_BLD         -> split(x)       -> [B, L/N, D]            (entering the first block, after the token reorder)
     q, k, v       -> gather(q,k,v)  -> [B, L, H/N, Dh]        (all-to-all, inside `vdiff.attention.dispatch`)
     out           -> scatter(out)   -> [B, L/N, H, Dh]        (the inverse all-to-all)
-    x_BLD local   -> all_gather(x)  -> [B, L, D]              (before the output head)
+    x_BLD local   -> all_gather(x)  -> [B, L, D]              (entering the output head's norm_out)
+
+The model knows nothing of it: `apply_sequence_parallel(model, sp)` installs hooks from outside. Each block's hook
+hands the block its shard of the RoPE rows and of per-token modulation and puts `sp` in the block's attention
+context; the first block's hook also splits the tokens; a hook on `norm_out` gathers them before the output head.
 
 Gradients: every rank of a group computes the same loss on the gathered output; `all_gather`'s backward sums the
 gradient of all N copies, so each rank's parameter gradient is N x its share and the data-parallel mean over all
@@ -14,8 +18,16 @@ ranks (DDP / DeepSpeed divide by world size) is exactly the gradient of the mean
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from diffusers.hooks import ModelHook
+
+from vdiff.cache import hooks
+
+HOOK_NAME = "vdiff.sequence_parallel"
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
@@ -59,7 +71,7 @@ class _AllGather(torch.autograd.Function):
 class SequenceParallel:
     """Ulysses sequence parallel over a process group of N ranks that all hold the same sample.
 
-    Passed to the model as `attention_kwargs["sequence_parallel"]`. Requires L % N == 0 and heads % N == 0.
+    Installed on a model with `apply_sequence_parallel(model, sp)`. Requires L % N == 0 and heads % N == 0.
     """
 
     def __init__(self, group=None):
@@ -84,7 +96,9 @@ class SequenceParallel:
     def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's chunk of `x` along `dim` (x is the same on every rank; the backward needs no communication)."""
         if x.shape[dim] % self.size:
-            raise ValueError(f"sequence parallel: dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks")
+            raise ValueError(
+                f"sequence parallel: dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks"
+            )
         return x.chunk(self.size, dim=dim)[self.rank]
 
     def all_gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -128,3 +142,56 @@ def sequence_parallel_groups(size: int) -> tuple[SequenceParallel | None, int, i
         if start <= rank < start + size:
             mine = group
     return SequenceParallel(mine), rank // size, world // size
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hooks: sequence parallel applied to a VideoDiT from outside
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _BlockShardHook(ModelHook):
+    """Runs a block on this rank's shard: splits the tokens entering the first block, and for every block the RoPE
+    rows and per-token modulation; the block's attention context carries `sp` (dispatch all-to-alls around it)."""
+
+    def __init__(self, sp: SequenceParallel, heads: int, first: bool):
+        super().__init__()
+        self.sp, self.heads, self.first = sp, heads, first
+
+    def pre_forward(self, module: nn.Module, x: torch.Tensor, **kwargs):
+        sp, ctx = self.sp, kwargs["ctx"]
+        if self.first:
+            sp.check(x.shape[1], self.heads)
+            x = sp.split(x, 1)  # (B, L/N, D)
+        cos, sin = kwargs["rope"]
+        kwargs["rope"] = (sp.split(cos, 0), sp.split(sin, 0))  # (L/N, 1, Dh/2) each
+        if kwargs["temb"].ndim == 4:
+            kwargs["temb"] = sp.split(kwargs["temb"], 1)  # (B, L/N, 6, D)
+        kwargs["ctx"] = dataclasses.replace(ctx, sequence_parallel=sp)
+        return (x,), kwargs
+
+
+class _GatherHook(ModelHook):
+    """Gathers every rank's tokens entering the module (the output head's norm): (B, L/N, D) -> (B, L, D)."""
+
+    def __init__(self, sp: SequenceParallel):
+        super().__init__()
+        self.sp = sp
+
+    def pre_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs):
+        return (self.sp.all_gather(x, 1), *args), kwargs
+
+
+def apply_sequence_parallel(model: nn.Module, sp: SequenceParallel) -> None:
+    """Run `model` (a VideoDiT) Ulysses-parallel over `sp`'s group: every rank of the group passes the same inputs
+    and gets the same output. Install before wrapping the model (DDP / DeepSpeed) and after copying it (EMA)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0 or not hasattr(model, "norm_out"):
+        raise TypeError("apply_sequence_parallel needs a VideoDiT (model.blocks, model.norm_out)")
+    heads = model.config.num_attention_heads
+    for i, block in enumerate(blocks):
+        hooks.register(block, _BlockShardHook(sp, heads, first=i == 0), HOOK_NAME)
+    hooks.register(model.norm_out, _GatherHook(sp), HOOK_NAME)
+
+
+def remove_sequence_parallel(model: nn.Module) -> bool:
+    return hooks.remove(model, HOOK_NAME)

@@ -8,7 +8,10 @@ key=value settings (YAML values): num_frames, height, width, num_inference_steps
 negative_prompt, sampler (unipc | euler), shift, fps, attention (a backend name, or attention.FIELD=... for
 AttentionConfig fields, e.g. attention.backend=radial attention.radial.decay_factor=0.9), cache (a list of
 text_kv | mask | step | prompt; [] for none), step.FIELD=... (StepCacheConfig: threshold, warmup_steps,
-max_consecutive_skips, indicator = first_block | modulated_input). Anything not given takes the checkpoint's defaults (its vdiff.json).
+max_consecutive_skips, indicator = first_block | modulated_input). Anything not given takes the checkpoint's defaults
+(its vdiff.json).
+
+The same command is `python -m vdiff.sample` and, once vdiff is installed, `vdiff-sample`.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("checkpoints/shapes-tiny")
+# Settings that go to VideoPipeline.__call__ as they are; fps and step.* are handled here.
 CALL_KEYS = {"num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "negative_prompt",
              "sampler", "shift", "attention", "cache"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, then key=value settings, which may sit between the flags as a user types them."""
     p = argparse.ArgumentParser(prog="./launch.sh sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"pipeline folder (VideoPipeline.save_pretrained or a Wan2.1 diffusers folder); default {DEFAULT_CHECKPOINT}")
+                   help="pipeline folder (VideoPipeline.save_pretrained or a Wan2.1 diffusers folder); "
+                        "default: the bundled model, checkpoints/shapes-tiny")
     p.add_argument("--prompt", required=True, action="append",
                    help="text prompt; repeat for a batch (outputs get _0, _1, ... suffixes)")
     p.add_argument("--out", type=Path, required=True, help="output video: .mp4, .gif or .webm")
@@ -40,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def call_kwargs(overrides: list[str]) -> tuple[dict, int | None]:
-    """key=value strings -> VideoPipeline.__call__ kwargs (and an fps for saving)."""
+    """key=value strings -> VideoPipeline.__call__ kwargs (and an fps for saving).
+
+    Settings are checked here, before any weights load, so a typo costs nothing; step.* settings become one
+    StepCacheConfig that replaces the "step" entry of cache=[...]."""
     from vdiff.cache import StepCacheConfig
     from vdiff.config import ConfigError, from_dict, parse_overrides
 
@@ -60,15 +68,17 @@ def call_kwargs(overrides: list[str]) -> tuple[dict, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when the video(s) were written; 2 for a bad setting, checkpoint or output name."""
     args = parse_args(argv)
     from vdiff.config import ConfigError
+    from vdiff.runtime import BUNDLED_CHECKPOINT, default_device
 
     try:
         kwargs, fps = call_kwargs(args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ckpt = args.checkpoint or DEFAULT_CHECKPOINT
+    ckpt = args.checkpoint or BUNDLED_CHECKPOINT
     if not ckpt.is_dir():
         hint = " (the bundled tiny model is not built yet; pass --checkpoint DIR)" if args.checkpoint is None else ""
         print(f"error: --checkpoint {ckpt} is not a folder{hint}", file=sys.stderr)
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vdiff import VideoPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(default_device())
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = VideoPipeline.from_pretrained(ckpt, device=device, torch_dtype=getattr(torch, dtype_name))
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]

@@ -1,6 +1,6 @@
 """Does a ShapesWorld model decide the layout from the caption? A probe of the prediction from pure noise.
 
-    python scripts/probe_layout.py --checkpoint checkpoints/shapes-tiny [--seeds 32] [--config RECIPE key=value ...]
+    python -m experiments.probe_layout --checkpoint checkpoints/shapes-tiny [--seeds 32] [--config RECIPE k=v ...]
 
 At s = 1 the model sees pure noise, so the best it can do is predict the data's mean clip for the caption. For a
 direction, that mean is a band moving across the frame; a model that ignores the direction word predicts the same
@@ -22,14 +22,19 @@ keeps its prediction round at s = 0.05-0.2; one that does not makes it squarer t
 last step hands the clip that prediction.
 
 Clip size defaults to the checkpoint's own (vdiff.json); the reference clips use the recipe's data.position_jitter
-(--config, with the same key=value overrides as the trainer; default the bundled recipe).
+(--config, with the same key=value overrides as the trainer; default the bundled recipe). What it measured on the
+bundled model and its predecessors: experiments/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from vdiff.pipeline import VideoPipeline
 
 PAIRS = [
     ("direction", "a red square moving left", "a red square moving right"),
@@ -49,7 +54,7 @@ def data_mean(prompt: str, n: int, frames: int, height: int, width: int, jitter:
 
 
 @torch.no_grad()
-def model_mean(pipe, prompt: str, seeds: int, frames: int, height: int, width: int) -> torch.Tensor:
+def model_mean(pipe: VideoPipeline, prompt: str, seeds: int, frames: int, height: int, width: int) -> torch.Tensor:
     model, vae = pipe.transformer, pipe.vae
     text = pipe.text_encoder.encode([prompt] * seeds).embeds.to(pipe.device)
     shape = vae.encode(torch.zeros(1, 3, frames, height, width, device=pipe.device)).shape[1:]  # (C, F, H, W)
@@ -61,8 +66,9 @@ def model_mean(pipe, prompt: str, seeds: int, frames: int, height: int, width: i
     return vae.decode(x0).float().clamp(-1, 1).mean(0)  # (3, T, H, W)
 
 
-def real_clips(pipe, shape: str, frames: int, height: int, width: int, jitter: float):
-    """One ShapesWorld clip of `shape` per colour, directions cycling -> ((colour, direction) pairs, [N, 3, T, H, W])."""
+def real_clips(pipe: VideoPipeline, shape: str, frames: int, height: int, width: int,
+               jitter: float) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """One ShapesWorld clip of `shape` per colour, directions cycling: ((colour, direction) pairs, [N, 3, T, H, W])."""
     from vdiff.data.shapes import COLOURS, DIRECTIONS, clip_to_video, render_clip
 
     combos = [(c, DIRECTIONS[i % len(DIRECTIONS)]) for i, c in enumerate(COLOURS)]
@@ -73,7 +79,7 @@ def real_clips(pipe, shape: str, frames: int, height: int, width: int, jitter: f
 
 
 @torch.no_grad()
-def x0_prediction(pipe, latents: torch.Tensor, s: float, captions: list[str]) -> torch.Tensor:
+def x0_prediction(pipe: VideoPipeline, latents: torch.Tensor, s: float, captions: list[str]) -> torch.Tensor:
     """Decoded x0 prediction [N, 3, T, H, W] of `latents` noised to s (noise seed 1), captioned `captions`."""
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(pipe.device)
     xs = (1 - s) * latents + s * noise
@@ -83,7 +89,7 @@ def x0_prediction(pipe, latents: torch.Tensor, s: float, captions: list[str]) ->
 
 
 @torch.no_grad()
-def shape_gain(pipe, s: float, frames: int, height: int, width: int, jitter: float, base: str = "square",
+def shape_gain(pipe: VideoPipeline, s: float, frames: int, height: int, width: int, jitter: float, base: str = "square",
                pair: tuple[str, str] = ("circle", "square")) -> tuple[float, float]:
     """(cosine, gain) of x0(caption pair[0]) - x0(caption pair[1]) against the true clip difference, at noise s."""
     from vdiff.data.shapes import caption
@@ -97,7 +103,7 @@ def shape_gain(pipe, s: float, frames: int, height: int, width: int, jitter: flo
 
 
 @torch.no_grad()
-def x0_roundness(pipe, s: float, frames: int, height: int, width: int, jitter: float, caption_shape: str,
+def x0_roundness(pipe: VideoPipeline, s: float, frames: int, height: int, width: int, jitter: float, caption_shape: str,
                  shape: str = "circle") -> tuple[float, int, int]:
     """(median roundness, clips read as `shape`, clips) of the x0 predictions of real `shape` clips noised to s."""
     from vdiff.data.shapes import caption, video_to_clip
@@ -110,8 +116,9 @@ def x0_roundness(pipe, s: float, frames: int, height: int, width: int, jitter: f
     return float(values.nanmedian()), sum(r.shape == shape for r in readings), len(readings)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.probe_layout", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a pipeline folder")
     p.add_argument("--seeds", type=int, default=32, help="noise draws averaged per prompt")
     p.add_argument("--data-clips", type=int, default=200, help="ShapesWorld clips averaged per prompt")
@@ -120,9 +127,10 @@ def main() -> None:
     p.add_argument("--shape-gain", action="store_true", help="also print the shape-word table (see above)")
     p.add_argument("--roundness", action="store_true", help="also print the circle-detail table (see above)")
     p.add_argument("--config", default="configs/train/shapes_tiny.yaml",
-                   help="the recipe the checkpoint was trained with: its data.position_jitter shapes the reference clips")
+                   help="the recipe the checkpoint was trained with: its data.position_jitter shapes the reference "
+                        "clips")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as given to the trainer")
-    args = p.parse_intermixed_args()
+    args = p.parse_intermixed_args(argv)
 
     from train.config import load_recipe
     from vdiff.pipeline import VideoPipeline

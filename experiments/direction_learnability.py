@@ -1,6 +1,6 @@
 """Why the bundled model ignores "moving left/right": a two-arm experiment at the highest noise level.
 
-    python scripts/direction_learnability.py [--steps 300] [--batch 16] [model.key=value ...]
+    python -m experiments.direction_learnability [--steps 300] [--batch 16] [--arms mean,sample] [key=value ...]
 
 At s = 1 the model sees no signal, so the best prediction is the caption's mean clip E[x0 | caption]; its
 direction-dependent part is what makes a sampler put the object on the right path. Both arms train the recipe's
@@ -11,16 +11,12 @@ model (configs/train/shapes_tiny.yaml's, fresh weights, same seed, AdamW 1e-3) a
 - "sample": the target is one clip per draw, as in real training (same expected gradient, much more variance).
 
 Every 50 steps it prints the mean absolute difference between the model's predictions for "a red square moving
-left" and "... right" (the data's own mean clips differ by 0.058). Measured 2026-12-01 on 2 CPU cores (defaults,
-~2.5 min per arm): "mean" 0.0015 (step 50) -> 0.0042 (250) -> 0.0169 (300) and rising; "sample" 0.0015 -> 0.0021
-(300), flat, as in every real run. The architecture can represent and learn the direction-dependent layout; the
-per-clip scatter of the target (at s = 1 the direction explains ~10% of the clip variance: 0.0064 of 0.061) is what
-drowns the signal at batch 8-16. With `--arms sample --batch 128` (8x the clips per step, ~20 min here) the
-per-clip arm does learn it: 0.0015 (50) -> 0.0031 (200) -> 0.0111 (300).
-Narrowing the start positions instead (2026-12-02, batch 16, `--arms sample data.position_jitter=J
-data.latent_cache=DIR` with DIR filled by scripts/fill_shapes_cache.py for that J): J = 0.3 (within-caption pixel
-variance 0.020 vs 0.055 at J = 1): 0.0020 (100) -> 0.0050 (250) -> 0.0091 (300); J = 0.15 (0.009): 0.0019 (100)
--> 0.0264 (250) -> 0.0744 (300; data 0.064). The bundled recipe trains at J = 0.15.
+left" and "... right", next to the same difference between the data's own mean clips. If "mean" learns it and
+"sample" does not, the model can represent the layout and the per-clip scatter of the target is what hides it.
+
+It reads the recipe's latent cache (data.latent_cache; fill it first with `python -m train cache --config RECIPE
+[key=value ...]` and the same overrides). What it measured, and what the bundled recipe took from it:
+experiments/README.md.
 """
 
 from __future__ import annotations
@@ -31,14 +27,16 @@ import time
 import torch
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.direction_learnability", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/train/shapes_tiny.yaml")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--arms", default="mean,sample")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (e.g. model.text_pool=attn)")
-    args = p.parse_intermixed_args()
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides (e.g. data.position_jitter=0.3 data.latent_cache=DIR)")
+    args = p.parse_intermixed_args(argv)
 
     from train.config import load_recipe
     from vdiff.data.latents import LatentDataset
@@ -46,7 +44,7 @@ def main() -> None:
 
     rc = load_recipe(args.config, args.overrides)
     if not rc.data.latent_cache:
-        raise SystemExit("needs data.latent_cache (fill it: python scripts/fill_shapes_cache.py --config ...)")
+        raise SystemExit("needs data.latent_cache (fill it: python -m train cache --config ...)")
     ds = LatentDataset(rc.data.latent_cache)
     items = [ds[i] for i in range(len(ds))]
     caps = sorted({it["caption"] for it in items})
@@ -60,7 +58,8 @@ def main() -> None:
         texts[it["caption"]] = it["text"]
     means = sums / counts.view(-1, *[1] * (sums.ndim - 1))
     left, right = "a red square moving left", "a red square moving right"
-    print(f"data: mean clips of {left!r} and {right!r} differ by {(means[index[left]] - means[index[right]]).abs().mean():.4f}")
+    gap = (means[index[left]] - means[index[right]]).abs().mean()
+    print(f"data: mean clips of {left!r} and {right!r} differ by {gap:.4f}")
 
     for arm in args.arms.split(","):
         torch.manual_seed(0)

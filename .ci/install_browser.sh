@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/test_browser.py needs: headless Chromium and its WebDriver (Debian packages).
+# CI: installs what tests/test_browser.py needs: headless Chromium and its WebDriver (Debian packages).
 # Idempotent: does nothing when both are already on PATH. Needs root (or sudo) and the Debian package mirror.
 set -euo pipefail
 

@@ -1,7 +1,7 @@
 """Quality vs attention: the same ShapesWorld recipe trained natively with each attention backend, then evaluated.
 
-    python scripts/attention_quality.py                                  # full recipe, every backend (GPU: minutes)
-    python scripts/attention_quality.py --steps 300 --num-clips 36        # reduced size (CPU: say so in any table)
+    python -m experiments.attention_quality                             # full recipe, every backend (GPU: minutes)
+    python -m experiments.attention_quality --steps 300 --num-clips 36  # reduced size (CPU: say so in any table)
 
 For each backend: `./launch.sh train --config RECIPE model.attention=... train.max_steps=STEPS output_dir=...`
 (same seeds, same data, same steps), then `./launch.sh eval --checkpoint OUT/pipeline num_clips=N` (sampling with
@@ -13,6 +13,7 @@ with the same overrides); the JSON says so.
 
 A second stage per backend (the bundled model's shift-1 stage): `--init-from-root outputs/attention-quality --out-root
 outputs/attention-quality-s2 --tag stage2 flow.shift=1.0 optim.lr=5e-4 optim.warmup_steps=50 --steps 1500`.
+Run it from the repository root (it calls ./launch.sh train and ./launch.sh eval there).
 
 Recipe overrides after the options apply to every backend (e.g. `data.height=16 data.width=16
 model.patch_size=[1,1,1]` for the 16 x 16 reduced size of the README table). Backend settings follow the recipe's
@@ -20,6 +21,7 @@ token grid (T, H, W) (`backend_overrides`): radial block_size = H*W (one frame p
 (2, H, W) window (3, 1, 1) (each 2-frame tile sees its neighbours in time), vmoba chunks of 2 frames / a whole frame /
 2 whole frames, top-3. On the 16 x 4 x 4 grid of the 16 x 16 clips that keeps, of the 256 x 256 attention map measured
 at sampling: radial ~12%, sliding_tile ~38%, vmoba ~53%. Change them with --set BACKEND.key=value.
+The tables this measured (both stages, every backend): experiments/README.md.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def token_grid(config: str, overrides: list[str]) -> tuple[int, int, int]:
 
 
 def backend_overrides(name: str, grid: tuple[int, int, int]) -> list[str]:
+    """The recipe overrides that select backend `name`, sized to the token grid (see the module docstring)."""
     _, h, w = grid
     a = "model.attention"
     return {
@@ -61,12 +64,14 @@ def backend_overrides(name: str, grid: tuple[int, int, int]) -> list[str]:
 
 
 def run(cmd: list[str]) -> None:
+    """Echo and run one launcher command from the repository root; a failed train or eval stops the sweep."""
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.attention_quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/train/shapes_tiny.yaml")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ",".join(BACKENDS))
     p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipe's)")
@@ -80,9 +85,8 @@ def main() -> int:
                         "first stage's --out-root, with stage-2 overrides such as flow.shift=1.0")
     p.add_argument("--tag", default=None, help="results go to bench/results/attention-quality-<tag>-<machine>.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every backend")
-    args = p.parse_intermixed_args()
+    args = p.parse_intermixed_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     grid = token_grid(args.config, args.overrides)
     print(f"token grid {grid}", flush=True)
     rows = []
@@ -126,7 +130,7 @@ def main() -> int:
             "num_clips": args.num_clips, "init_from_root": args.init_from_root, "skip_train": args.skip_train,
             "command": " ".join(sys.argv), "machine": machine_info()}
     write_result("attention-quality" + (f"-{args.tag}" if args.tag else ""), rows, meta,
-                 launch=" ".join(["python", "scripts/attention_quality.py", *sys.argv[1:]]))
+                 launch=" ".join(["python", "-m", "experiments.attention_quality", *sys.argv[1:]]))
     return 0
 
 

@@ -18,6 +18,8 @@ key=value settings (omitted = the checkpoint's default sampling settings, from i
 
 JSON goes to --out, by default CHECKPOINT/eval.json at default settings and CHECKPOINT/eval-<settings>.json otherwise.
 Exit status 0 when the run completed (whatever the scores); --min-all-correct R makes it 1 below a rate R.
+
+The same command is `python -m vdiff.eval` and, once vdiff is installed, `vdiff-eval`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,13 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("checkpoints/shapes-tiny")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, then key=value settings, which may sit between the flags as a user types them."""
     p = argparse.ArgumentParser(prog="./launch.sh eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                   help=f"pipeline folder (VideoPipeline.from_pretrained); default {DEFAULT_CHECKPOINT}")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="pipeline folder (VideoPipeline.from_pretrained); default checkpoints/shapes-tiny")
     p.add_argument("--out", type=Path, default=None, help="report JSON (default: next to the checkpoint, see above)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     p.add_argument("--save-clips", type=Path, default=None, metavar="DIR",
@@ -48,13 +49,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_tag(overrides: dict) -> str:
+    """A file-name-safe tag of the settings, so reports at different settings land side by side."""
     return "-".join(f"{k}{v}" for k, v in sorted(overrides.items())).replace("/", "_") or "default"
 
 
+def shown_path(path: Path) -> Path:
+    """`path` relative to the working directory when it lies below it, as a user would type it.
+
+    The default checkpoint is an absolute path (it works from any directory); a report run from the repository
+    records it as `checkpoints/shapes-tiny`, as the committed eval.json does."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when the run completed, 1 below --min-all-correct, 2 for a bad setting or checkpoint."""
     args = parse_args(argv)
     from vdiff.config import ConfigError, from_dict, parse_overrides
     from vdiff.eval.run import EvalConfig
+    from vdiff.runtime import BUNDLED_CHECKPOINT, default_device
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -62,29 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not args.checkpoint.is_dir():
-        hint = " (the bundled model: checkpoints/shapes-tiny)" if args.checkpoint == DEFAULT_CHECKPOINT else ""
-        print(f"error: --checkpoint {args.checkpoint} is not a folder{hint}", file=sys.stderr)
+    ckpt = args.checkpoint if args.checkpoint is not None else shown_path(BUNDLED_CHECKPOINT)
+    if not ckpt.is_dir():
+        hint = " (the bundled model: checkpoints/shapes-tiny)" if args.checkpoint is None else ""
+        print(f"error: --checkpoint {ckpt} is not a folder{hint}", file=sys.stderr)
         return 2
     out = args.out
     if out is None:
-        out = args.checkpoint / ("eval.json" if not overrides else f"eval-{settings_tag(overrides)}.json")
+        out = ckpt / ("eval.json" if not overrides else f"eval-{settings_tag(overrides)}.json")
 
     import torch
 
     from vdiff.eval.run import format_report, run_eval
     from vdiff.pipeline import VideoPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = VideoPipeline.from_pretrained(args.checkpoint, device=device)
+    device = args.device or str(default_device())
+    pipe = VideoPipeline.from_pretrained(ckpt, device=device)
     try:
         report = run_eval(pipe, cfg, progress=not args.quiet, keep_clips=args.save_clips is not None)
     except (ValueError, ConfigError) as err:  # a bad sampling setting, named by the pipeline
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report["checkpoint"] = str(args.checkpoint)
-    report["command"] = "./launch.sh eval " + " ".join(
-        [f"--checkpoint {args.checkpoint}"] + list(args.overrides))
+    report["checkpoint"] = str(ckpt)
+    report["command"] = "./launch.sh eval " + " ".join([f"--checkpoint {ckpt}"] + list(args.overrides))
     report["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
     if args.save_clips is not None:
         from vdiff.pipeline import write_video
@@ -104,7 +119,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all-correct rate {rate:.3f} is below --min-all-correct {args.min_all_correct}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,108 @@
+"""FlexAttention helpers shared by the dense `flex` kernel and the sparse fast paths: one compiled callable per process,
+the capability checks, and BlockMasks built directly from block grids (no L x L mask_mod sweep)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+from vdiff.attention.registry import BackendUnavailable
+
+
+def is_cuda(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+# FlexAttention: one compiled callable per process, shared by the dense kernel and the sparse fast paths, so a test
+# session or a server compiles each shape once.
+_COMPILED_FLEX = None
+
+
+def compiled_flex_attention():
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_unavailable_reason(device: torch.device | str | None) -> str | None:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as err:
+        return f"torch {torch.__version__} has no FlexAttention ({err})"
+    if is_cuda(device) and importlib.util.find_spec("triton") is None:
+        return "FlexAttention on CUDA needs triton, which is not installed"
+    return None
+
+
+def flex_backward_reason(device: torch.device | str | None) -> str | None:
+    if not is_cuda(device):
+        return ("compiled FlexAttention has no backward on CPU (training on CPU runs sdpa, "
+                "or the gather path for sparse methods)")
+    return None
+
+
+def full_block_mask(q_len: int, kv_len: int, device: torch.device | str, block_size: int = 128):
+    """A BlockMask with every block full (no mask_mod): dense FlexAttention. Passing `block_mask=None` instead is
+    4-8x slower on CPU (measured: 8,192 tokens, 4 heads, d=64: 5.3 s vs 1.3 s)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+    indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+    return BlockMask.from_kv_blocks(torch.zeros_like(counts), torch.zeros_like(indices), counts, indices,
+                                    BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len))
+
+
+def flex_run(q, k, v, block_mask=None) -> torch.Tensor:
+    """[B, L, H, D] through compiled FlexAttention with an optional BlockMask -> [B, L, H, D]."""
+    if q.requires_grad and torch.is_grad_enabled() and flex_backward_reason(q.device):
+        raise BackendUnavailable(f"flex: {flex_backward_reason(q.device)}")
+    if not torch.is_grad_enabled():  # inference on leaves that require grad: the CPU kernel refuses those
+        q, k, v = q.detach(), k.detach(), v.detach()
+    if block_mask is None:
+        block_mask = full_block_mask(q.shape[1], k.shape[1], q.device)
+    # The kernel reads [B, H, L, D]; strided (transposed) inputs run ~2x slower on CPU, so copy once.
+    q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = compiled_flex_attention()(q_, k_, v_, block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Nq, Nk] bool -> (counts (1, 1, Nq) int32, indices (1, 1, Nq, Nk) int32): selected key blocks first, ascending;
+    the tail of each row is padding the kernel never reads."""
+    counts = blocks.sum(-1, dtype=torch.int32)[None, None]
+    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
+    return counts, indices
+
+
+def block_mask_from_blocks(full_blocks: torch.Tensor, block_size: int, length: int, device: torch.device | str,
+                           partial_blocks: torch.Tensor | None = None, mask_mod: Callable | None = None):
+    """A FlexAttention BlockMask over `length` tokens from block grids [Nq, Nk].
+
+    full_blocks: the kernel computes every pair of these blocks (no mask_mod evaluated).
+    partial_blocks (with mask_mod): the kernel evaluates `mask_mod(b, h, q_idx, kv_idx)` per pair in these blocks.
+    Tokens past `length` in the last partial block row/column are excluded by the kernel's sequence-length bound.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if (partial_blocks is None) != (mask_mod is None):
+        raise ValueError("block_mask_from_blocks: partial_blocks and mask_mod go together")
+    full_blocks = full_blocks.to(device=device, dtype=torch.bool)
+    partial_blocks = torch.zeros_like(full_blocks) if partial_blocks is None else partial_blocks.to(device, torch.bool)
+    full_counts, full_indices = _block_lists(full_blocks)
+    counts, indices = _block_lists(partial_blocks)  # separate tensors: aliased inputs break the CPU kernel
+    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+
+
+def block_mask_from_mask_mod(mask_mod: Callable, length: int, block_size: int, device: torch.device | str):
+    """A FlexAttention BlockMask from a token-level `mask_mod(b, h, q_idx, kv_idx)` (partial blocks evaluate it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=str(device),
+                             BLOCK_SIZE=block_size)
