@@ -130,8 +130,16 @@ case "$cmd" in
         "$VENV/bin/ruff" check .
         vpy -m pytest -q -rs "$@" ;;
     bench)
-        ensure_setup
         name="${1:-}"
+        # A lent GPU machine: CUDA torch in the system Python, no .venv and no package index. bench.gpu runs from
+        # the checkout with that Python and installs what is missing from .whl/ offline (setup would need an index).
+        if [ "$name" = gpu ] && [ ! -x "$VENV/bin/python" ] \
+            && "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+            shift
+            cd "$ROOT"
+            exec "$PYTHON" -m bench.gpu "$@"
+        fi
+        ensure_setup
         if [ -z "$name" ] || [ ! -f "$ROOT/bench/$name.py" ] || [ "$name" = common ]; then
             echo "usage: ./launch.sh bench NAME [ARGS]; NAME is one of: $(bench_names)" >&2
             exit 2

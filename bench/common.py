@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# VDIFF_BENCH_RESULTS redirects every benchmark's JSON (bench.gpu --dry-run / --out uses it)
+RESULTS = Path(os.environ.get("VDIFF_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine_info() -> dict[str, Any]:
@@ -129,13 +130,15 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
 
 
 def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
-                 launch: str | None = None) -> Path:
-    """Write bench/results/<name>-<machine>.json with the rows, the machine, versions and the command line.
+                 launch: str | None = None, directory: Path | None = None) -> Path:
+    """Write bench/results/<name>-<machine>.json (or under `directory`) with the rows, the machine, versions and the
+    command line.
 
     `launch`: the command that reruns it, when it is not `./launch.sh bench <name> ARGS` (a driver under
     experiments/)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{machine_tag()}.json"
+    directory = Path(directory or RESULTS)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{machine_tag()}.json"
     payload = {
         "benchmark": name,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,

@@ -66,30 +66,44 @@ def bench_tiny(steps: int) -> dict:
             "model_tflops": flops / 1e12, "mfu": None}
 
 
-def bench_wan_gpu(backend: str, steps: int, checkpointing: bool) -> dict:
-    """Wan2.1-1.3B shape, one GPU, bf16 autocast, AdamW: one training step on a 480p x 81-frame latent."""
+# --gpu-shape: (preset, latent (F, H, W), text tokens, case label)
+GPU_SHAPES = {
+    "wan480": ("wan2.1-1.3b", (21, 60, 104), 512, "wan2.1-1.3b 480p x 81f"),  # 81 frames, 480 x 832, Wan VAE
+    "tiny": ("tiny", (4, 16, 16), 16, "tiny preset (dry run)"),  # bench.gpu --dry-run: the same code on CPU
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_wan_gpu(backend: str, steps: int, checkpointing: bool, shape: str = "wan480",
+                  device: torch.device | None = None) -> dict:
+    """Wan2.1-1.3B shape, one GPU, bf16 autocast, AdamW: one training step on a 480p x 81-frame latent
+    (`shape="tiny"` on any device: the dry run of the same step)."""
     from vdiff.attention import AttentionContext, get_backend
     from vdiff.config import AttentionConfig, model_preset
     from vdiff.diffusion.flow import add_noise, flow_loss, timesteps_of
     from vdiff.models.dit import VideoDiT
 
-    device = torch.device("cuda")
-    cfg = model_preset("wan2.1-1.3b")
+    device = device or torch.device("cuda")
+    preset, latent, text_len, case = GPU_SHAPES[shape]
+    cfg = model_preset(preset)
     model = VideoDiT.from_model_config(cfg).to(device)
     model.set_attention(AttentionConfig(backend=backend))
     if checkpointing:
         model.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    latent = (16, 21, 60, 104)  # 81 frames, 480 x 832 through the Wan VAE
-    grid = model.token_grid(latent[1:])
-    tokens, text_len = math.prod(grid), 512
-    x0 = torch.randn(1, *latent, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    grid = model.token_grid(latent)
+    tokens = math.prod(grid)
+    x0 = torch.randn(1, cfg.in_channels, *latent, device=device)
     text = torch.randn(1, text_len, cfg.text_dim, device=device)
 
     def step():
         noise = torch.randn_like(x0)
         s = torch.rand(1, device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             v = model(add_noise(x0, noise, s), timesteps_of(s), text, return_dict=False)[0]
         flow_loss(v, x0, noise).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -98,22 +112,22 @@ def bench_wan_gpu(backend: str, steps: int, checkpointing: bool) -> dict:
 
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     density = get_backend(backend if backend != "dense" else "sdpa", device).density(
         AttentionContext(grid=grid, config=AttentionConfig(backend=backend))) if backend != "dense" else 1.0
     flops = 3 * model_flops_per_token(cfg, tokens, text_len, density) * tokens / dt
-    peak = peak_tflops()
-    return {"case": "wan2.1-1.3b 480p x 81f", "device": torch.cuda.get_device_name(0), "precision": "bf16",
-            "backend": backend, "tokens_per_sample": tokens, "global_batch": 1, "s_per_step": dt,
-            "tokens_per_s": tokens / dt, "model_tflops": flops / 1e12,
-            "mfu": flops / 1e12 / peak if peak else None, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = peak_tflops() if device.type == "cuda" else None
+    return {"case": case, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else str(device),
+            "precision": "bf16", "backend": backend, "tokens_per_sample": tokens, "global_batch": 1, "s_per_step": dt,
+            "tokens_per_s": tokens / dt, "model_tflops": flops / 1e12, "mfu": flops / 1e12 / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,18 +138,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-steps", type=int, default=5)
     parser.add_argument("--backends", default="dense,radial,sliding_tile,vmoba")
     parser.add_argument("--no-checkpointing", action="store_true", help="GPU case without gradient checkpointing")
+    parser.add_argument("--gpu-shape", choices=sorted(GPU_SHAPES), default="wan480",
+                        help="shape of the --gpu case (tiny: the same step on CPU, for bench.gpu --dry-run)")
+    parser.add_argument("--skip-recipe", action="store_true", help="skip the tiny recipe row (the Trainer loop)")
     args = parser.parse_args(argv)
-    if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device (none found)")
-    rows = [bench_tiny(args.steps)]
+    on_gpu = torch.cuda.is_available()
+    if args.gpu and not on_gpu and args.gpu_shape != "tiny":
+        raise SystemExit("--gpu needs a CUDA device (none found); --gpu-shape tiny runs the same step on CPU")
+    rows = [] if args.skip_recipe else [bench_tiny(args.steps)]
     if args.gpu:
+        device = torch.device("cuda" if on_gpu else "cpu")
         for backend in args.backends.split(","):
             try:
-                rows.append(bench_wan_gpu(backend, args.gpu_steps, not args.no_checkpointing))
+                rows.append(bench_wan_gpu(backend, args.gpu_steps, not args.no_checkpointing, args.gpu_shape, device))
             except Exception as err:  # report the backend that cannot run and why, keep measuring the others
-                rows.append({"case": "wan2.1-1.3b 480p x 81f", "backend": backend, "error": str(err)[:200]})
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+                rows.append({"case": GPU_SHAPES[args.gpu_shape][3], "backend": backend, "error": str(err)[:200]})
+            if on_gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     print_table(rows, ["case", "device", "precision", "backend", "tokens_per_sample", "global_batch", "s_per_step",
                        "tokens_per_s", "model_tflops", "mfu", "error"], title="training throughput")
     write_result("train", rows, {"args": vars(args), "machine": machine_info()["cpu"]})

@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest request in latent tokens (frames x height x width after VAE and patching)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"most denoising steps a request may ask for (default {DEFAULT_MAX_STEPS})")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="a LoRA adapter (file or folder, diffusers' format) applied to every request; chosen by the "
+                        "operator here, never by a client")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="scale of --lora (default 1)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -84,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --checkpoint {checkpoint} is not a folder (a VideoPipeline.save_pretrained output)",
                   file=sys.stderr)
             return 2
+    if args.lora is not None and not args.lora.exists():
+        print(f"error: --lora {args.lora}: no such file or folder", file=sys.stderr)
+        return 2
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if banner:
         print("[demo] " + banner.replace("**", ""), flush=True)
     serve(checkpoint, host=args.host, port=args.port, devices=devices, max_queue=args.max_queue,
           max_outputs=args.max_outputs, max_tokens=args.max_tokens, max_steps=args.max_steps, auth=auth,
-          banner=banner, block=True)
+          banner=banner, block=True, lora=args.lora, lora_scale=args.lora_scale)
     return 0
 
 

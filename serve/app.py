@@ -263,12 +263,14 @@ class RunningServer:
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 7860, devices: Sequence[str] | None = None,
           max_queue: int = 8, max_outputs: int = 64, max_tokens: int | None = None, max_steps: int = DEFAULT_MAX_STEPS,
           auth: tuple[str, str] | None = None, banner: str | None = None, block: bool = True, quiet: bool = False,
-          step_hooks: Sequence[StepHook] = ()) -> RunningServer:
+          step_hooks: Sequence[StepHook] = (), lora: str | Path | None = None,
+          lora_scale: float = 1.0) -> RunningServer:
     """Load the checkpoint once per device, build the page and serve it on host:port.
 
-    With block=False it returns at once (tests, benchmarks); otherwise it serves until interrupted.
+    With block=False it returns at once (tests, benchmarks); otherwise it serves until interrupted. `lora`: an
+    adapter every pipeline loads at start (the operator's choice; requests cannot name one).
     """
-    pool = WorkerPool.from_pretrained(checkpoint, devices, max_queue=max_queue,
+    pool = WorkerPool.from_pretrained(checkpoint, devices, lora=lora, lora_scale=lora_scale, max_queue=max_queue,
                                       store=OutputStore(max_files=max_outputs), step_hooks=step_hooks)
     try:
         limits = limits_for(pool.pipelines[0], pool.devices[0], max_tokens=max_tokens, max_steps=max_steps)

@@ -214,15 +214,20 @@ class WorkerPool:
             thread.start()
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, devices: Sequence[str] | None = None, **kwargs: Any) -> WorkerPool:
-        """Load one pipeline per device (all GPUs by default, else the CPU) once, and start the workers."""
+    def from_pretrained(cls, checkpoint: str | Path, devices: Sequence[str] | None = None, *,
+                        lora: str | Path | None = None, lora_scale: float = 1.0, **kwargs: Any) -> WorkerPool:
+        """Load one pipeline per device (all GPUs by default, else the CPU) once, with the LoRA adapter `lora` when
+        given, and start the workers."""
         from vdiff import VideoPipeline
 
         devices = list(devices) if devices else default_devices()
         pipelines = []
         for device in devices:
             log.info("loading %s on %s", checkpoint, device)
-            pipelines.append(VideoPipeline.from_pretrained(checkpoint).to(device))
+            pipe = VideoPipeline.from_pretrained(checkpoint)
+            if lora is not None:
+                pipe.load_lora_weights(lora, scale=lora_scale)
+            pipelines.append(pipe.to(device))
         return cls(pipelines, devices, **kwargs)
 
     # ---- client side -------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vdiff.attention import AttentionContext, BackendUnavailable, MaskCache, available, get_backend, sparse_pattern
-from vdiff.attention.blocksparse import reduce_to_blocks
 from vdiff.attention.dense import reference_attention
+from vdiff.attention.flex import flex_run
 from vdiff.attention.sliding_tile import TileLayout, tile_options
 from vdiff.config import AttentionConfig, SlidingTileConfig
 
@@ -79,13 +79,45 @@ def test_token_order_is_tile_major(grid, tile):
     assert (within[1:][same_tile] > within[:-1][same_tile]).all()  # frame-major inside a tile
 
 
-def test_block_grids_cover_exactly_the_pattern():
-    grid, tile, window = CASES[1]
+@pytest.mark.parametrize("grid,tile,window,block", [
+    ((5, 6, 7), (2, 4, 4), (2, 2, 3), 16),  # partial tiles on every axis
+    ((7, 13, 11), (2, 4, 4), (3, 3, 3), 32),  # whole blocks per class, shared remainder blocks, padding
+    ((3, 5, 9), (2, 2, 4), (3, 1, 2), 8),
+    ((6, 15, 26), (3, 4, 4), (3, 3, 3), 64),
+])
+def test_flex_plan_computes_exactly_the_pattern(grid, tile, window, block):
+    """The packed layouts hold every token once on each side; inside visited blocks the tile rule on real keys is
+    exactly the pattern; full blocks need no mask; no block is visited without an attended pair."""
     layout = TileLayout(grid, tile_options(tile=tile, window=window))
-    mask_tm = layout.mask_tile_major()
-    any_blocks, full_blocks = layout.block_grids(32)
-    assert torch.equal(any_blocks, reduce_to_blocks(mask_tm, 32))
-    assert torch.equal(full_blocks, ~reduce_to_blocks(~mask_tm, 32))  # no unattended pair inside a full block
+    plan = layout.flex_plan(block)
+    length = grid[0] * grid[1] * grid[2]
+    real_q, real_k = plan.q_index >= 0, plan.kv_index >= 0
+    for index, real in ((plan.q_index, real_q), (plan.kv_index, real_k)):
+        assert torch.equal(index[real].sort().values, torch.arange(length))
+    assert torch.equal(plan.q_index[plan.out_index], torch.arange(length))
+    rule = plan.allowed[plan.q_tile[:, None], plan.kv_tile[None, :]] & real_k[None, :]  # [Lq', Lk'] what mask_mod says
+    visited = plan.any.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    full = plan.full.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    computed = (visited & rule)[real_q][:, real_k]
+    assert torch.equal(computed, layout.mask_tile_major()[plan.q_index[real_q]][:, plan.kv_index[real_k]])
+    assert (rule | ~full).all()  # a full block has no pair the rule excludes
+    assert torch.equal(_visited_blocks(rule, block), plan.any)
+
+
+def _visited_blocks(mask, block):
+    return mask.view(mask.shape[0] // block, block, mask.shape[1] // block, block).any(3).any(1)
+
+
+@pytest.mark.parametrize("grid", [(21, 30, 52), (21, 45, 80)])
+@pytest.mark.parametrize("window", [(3, 3, 3), (3, 3, 5)])
+def test_wan_shapes_visit_what_the_density_says(grid, window):
+    """At the Wan grids partial tiles no longer make 128-token blocks straddle tiles: the kernel's work (blocks
+    visited x block area / L^2) is within 0.01 of the density (plain tile-major order: 0.335 vs 0.272 at 480p)."""
+    pattern = sparse_pattern("sliding_tile", grid, tile=(6, 8, 8), window=window)
+    work = pattern.info["kernel_block_density"]
+    assert pattern.density <= work <= pattern.density + 0.01
+    nq, nk, visited = pattern.info["kernel_blocks"]
+    assert abs(visited / (nq * nk) - pattern.density) <= 0.01
 
 
 def _ctx(grid, tile, window, impl="auto", cache=None):
@@ -112,6 +144,21 @@ def test_fast_equals_reference_forward(grid, tile, window):
         ref = backend.forward(qt, kt, vt, _ctx(grid, tile, window, impl="reference"))[:, inv]
     torch.testing.assert_close(fast.double(), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ref.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_fast_packed_layout_equals_float64_reference():
+    """FlexAttention on the packed layouts with 32-token blocks (full blocks, shared blocks, padding keys and padded
+    query rows all occur) equals the float64 masked reference."""
+    grid, tile, window = (7, 13, 11), (2, 4, 4), (3, 3, 3)
+    length = grid[0] * grid[1] * grid[2]
+    layout = TileLayout(grid, tile_options(tile=tile, window=window))
+    plan = layout.flex_plan(32)
+    assert plan.full.any() and (plan.any & ~plan.full).any() and (plan.kv_index < 0).any()
+    q, k, v = (torch.randn(1, length, 2, 16) for _ in range(3))  # tile-major
+    with torch.no_grad():
+        fast = flex_run(q, k, v, layout.block_mask("cpu", block_size=32))
+    expected = reference_attention(q.double(), k.double(), v.double(), layout.mask_tile_major())
+    torch.testing.assert_close(fast.double(), expected, atol=2e-6, rtol=1e-5)
 
 
 def test_backward_on_cpu_auto_matches_float64():

@@ -18,6 +18,7 @@ from vdiff.attention import (
     policy,
     sparse_pattern,
     vmoba,
+    vmoba_flex,
 )
 from vdiff.attention.dense import reference_attention
 from vdiff.attention.vmoba import vmoba_options
@@ -84,10 +85,10 @@ def test_block_mask_is_exactly_the_pattern(variant):
     for layer in range(3):
         q, k, _ = _qkv(seed=layer)
         layout = vmoba.chunk_layout(GRID, vmoba.chunk_shape(cfg, vmoba.partition_for_layer(layer), GRID), "cpu")
-        flex = vmoba.flex_layout(layout, vmoba.flex_block_size("cpu"), vmoba.max_chunks(GRID, cfg))
+        flex = vmoba_flex.flex_layout(layout, vmoba_flex.flex_block_size("cpu"), vmoba_flex.max_chunks(GRID, cfg))
         sel = vmoba.select_chunks(q, k, layout, cfg)
-        q_order = vmoba.query_order(sel)
-        block_mask = vmoba.vmoba_block_mask(sel, flex, q_order)
+        q_order = vmoba_flex.query_order(sel)
+        block_mask = vmoba_flex.vmoba_block_mask(sel, flex, q_order)
         for b in range(2):
             pattern = sparse_pattern("vmoba", GRID, q=q[b:b + 1], k=k[b:b + 1], layer=layer, **opts)
             want = pattern.mask()  # [H, L, L]

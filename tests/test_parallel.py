@@ -65,6 +65,31 @@ def _worker(out_path: str) -> None:
                 "grad_err": (grads[0] - grads[1]).abs().max().item(),
                 "grad_scale": grads[0].abs().max().item(),
             }
+    # a causal model (long video): block-causal chunks, per-token timesteps, teacher-forcing layout
+    from vdiff.config import CausalConfig
+
+    causal = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                                     ffn_dim=64, causal=CausalConfig(chunk_frames=1, sink_chunks=1,
+                                                                                     window_chunks=1)))
+    chunks = [(j, True) for j in range(2)] + [(j, False) for j in range(2)]  # [context 0, 1 | noisy 0, 1]
+    outs, grads = [], []
+    for use_sp in (False, True):
+        causal.zero_grad()
+        if use_sp:
+            apply_sequence_parallel(causal, sp)
+        out = causal(x, per_token_t, text, return_dict=False, attention_kwargs={"chunks": chunks})[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        g = torch.cat([p.grad.flatten() for p in causal.parameters()])
+        if use_sp:
+            assert remove_sequence_parallel(causal)
+            dist.all_reduce(g)
+            g /= world
+        outs.append(out.detach())
+        grads.append(g)
+    results["causal/per_token"] = {
+        "out_err": (outs[0] - outs[1]).abs().max().item(), "out_scale": outs[0].abs().max().item(),
+        "grad_err": (grads[0] - grads[1]).abs().max().item(), "grad_scale": grads[0].abs().max().item(),
+    }
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -80,7 +105,7 @@ def test_sequence_parallel_2_ranks_equals_1_rank(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(out.read_text())
-    assert set(results) == {f"{b}/{k}" for b in BACKENDS for k in ("per_sample", "per_token")}
+    assert set(results) == {f"{b}/{k}" for b in BACKENDS for k in ("per_sample", "per_token")} | {"causal/per_token"}
     for key, r in results.items():
         assert r["out_scale"] > 0.1 and r["grad_scale"] > 1e-3, key
         assert r["out_err"] <= 1e-5 * max(1.0, r["out_scale"]), (key, r)

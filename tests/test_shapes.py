@@ -312,3 +312,81 @@ def test_evaluator_rejects_wrong_layout():
     with pytest.raises(ValueError, match="pair up"):
         evaluate_clips([clip], [])
     assert set(COLOURS) and set(SHAPES)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Long clips: wrap-around motion and direction changes (vdiff.data.shapes_long)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _circular_centre(frame, axis):
+    """Object centre along `axis` (1 = x, 0 = y) of a wrapped frame, modulo the frame (circular mean of coverage)."""
+    mass = frame.max(-1).astype(float)  # (H, W) brightness
+    n = mass.shape[axis]
+    angles = 2 * np.pi * (np.arange(n) + 0.5) / n
+    profile = mass.sum(axis=1 - axis)  # along the axis
+    z = (profile * np.exp(1j * angles)).sum()
+    return (np.angle(z) % (2 * np.pi)) * n / (2 * np.pi)
+
+
+def test_long_clip_wraps_and_keeps_moving_at_constant_speed():
+    from vdiff.data.shapes_long import REFERENCE_FRAMES, render_long_clip
+
+    frames = render_long_clip("red", "square", ["right"] * 12, segment_frames=4, height=16, width=16, seed=3)
+    assert frames.shape == (48, 16, 16, 3)
+    assert np.array_equal(frames, render_long_clip("red", "square", ["right"] * 12, segment_frames=4, height=16,
+                                                   width=16, seed=3))  # deterministic by seed
+    step = 0.5 * 16 / (REFERENCE_FRAMES - 1)
+    xs = np.array([_circular_centre(f, 1) for f in frames])
+    moved = (np.diff(xs) + 8) % 16 - 8  # per-frame motion, unwrapped
+    # right, at constant speed, across the edge too (per frame to the pixel grid's rendering error; over the clip
+    # to a fraction of a pixel)
+    assert (moved > step - 0.3).all() and (moved < step + 0.3).all()
+    assert abs(moved.sum() - 47 * step) < 0.3
+    assert 48 * step > 16  # it wrapped at least once
+    assert (frames.max(-1) > 128).sum(axis=(1, 2)).min() >= 12  # the whole object is visible on every frame
+    straddles = [(f[:, 0].max() > 128) and (f[:, -1].max() > 128) for f in frames]
+    assert any(straddles)  # drawn on both edges while it crosses
+    ys = np.array([_circular_centre(f, 0) for f in frames])
+    assert np.ptp(ys) < 0.05  # no drift across the motion
+
+
+def test_long_clip_direction_changes_at_segment_boundaries():
+    from vdiff.data.shapes_long import render_long_clip, segment_captions
+
+    directions = ["right", "right", "up", "up"]
+    frames = render_long_clip("blue", "circle", directions, segment_frames=4, height=16, width=16, seed=1)
+    xs = np.array([_circular_centre(f, 1) for f in frames])
+    ys = np.array([_circular_centre(f, 0) for f in frames])
+    dx, dy = (np.diff(xs) + 8) % 16 - 8, (np.diff(ys) + 8) % 16 - 8
+    assert (dx[:7] > 0.3).all() and (np.abs(dy[:7]) < 0.05).all()  # frames 0-7: right
+    assert (dy[8:] < -0.3).all() and (np.abs(dx[8:]) < 0.05).all()  # frames 8-15: up
+    assert segment_captions("blue", "circle", directions)[2] == "a blue circle moving up"
+    ds = ShapesWorld(4, num_frames=24, height=16, width=16, boundary="wrap")
+    assert ds[0]["video"].shape == (3, 24, 16, 16)
+    with pytest.raises(ValueError, match="boundary must be 'stop'"):
+        ShapesWorld(4, boundary="bounce")
+
+
+def test_long_eval_reads_real_long_clips_per_chunk_and_flags_seams():
+    """On real wrap-around clips every chunk reads right and the seam ratio is ~1; a clip whose chunks restart the
+    object elsewhere has a visible seam; a direction switch is read within one chunk of it."""
+    from vdiff.data.shapes_long import render_long_clip
+    from vdiff.eval.long_eval import score_long_clip, summarize_long
+
+    combos = list(itertools.product(["red", "white"], ["circle", "square", "triangle"], DIRECTIONS))
+    scores, switched = [], []
+    turn = {"left": "up", "up": "right", "right": "down", "down": "left"}
+    for i, (c, s, d) in enumerate(combos):
+        frames = render_long_clip(c, s, [d] * 16, segment_frames=2, height=16, width=16, seed=i, position_jitter=0.15)
+        scores.append(score_long_clip(frames, [caption(c, s, d)] * 16, 2))
+        frames = render_long_clip(c, s, [d] * 8 + [turn[d]] * 8, segment_frames=2, height=16, width=16, seed=i)
+        switched.append(score_long_clip(frames, [caption(c, s, d)] * 8 + [caption(c, s, turn[d])] * 8, 2,
+                                        switch_at=8))
+    report = summarize_long(scores)
+    assert report["all_correct"] == 1.0 and report["last4_all_correct"] == report["first4_all_correct"] == 1.0
+    assert abs(report["seam_ratio"] - 1.0) < 0.05
+    assert summarize_long(switched)["switch_followed"] == 1.0
+    restarts = np.concatenate([render_long_clip("red", "square", ["right"], segment_frames=2, height=16, width=16,
+                                                seed=k) for k in range(16)])  # a new start position every chunk
+    assert score_long_clip(restarts, [caption("red", "square", "right")] * 16, 2)["seam_ratio"] > 2.0

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vdiff.config import AttentionConfig, ConfigError, ModelConfig, load_config, model_preset
+from vdiff.config import AttentionConfig, CausalConfig, ConfigError, ModelConfig, load_config, model_preset
 from vdiff.diffusion.flow import FlowConfig
+from vdiff.lora import LoraConfig
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero2_offload", "zero3_offload")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -45,6 +46,7 @@ class ModelSection:
     rope_max_seq_len: int | None = None
     pos_embed_seq_len: int | None = None
     abs_pos_embed: bool | None = None
+    causal: CausalConfig | None = None  # long video: block-causal chunks (None = bidirectional)
 
     def __post_init__(self) -> None:
         self.to_model_config()  # a bad preset or field fails at load time, naming the key
@@ -72,6 +74,7 @@ class DataConfig:
     height: int = 16
     width: int = 16
     position_jitter: float = 1.0  # shapes: fraction of the allowed start range used (0 = one centred path per caption)
+    boundary: Literal["stop", "wrap"] = "stop"  # shapes: wrap = the object wraps around the frame (long video)
     root: str | None = None  # video_folder
     frame_stride: int = 1  # video_folder: take every k-th frame
     latent_cache: str | None = None
@@ -91,7 +94,8 @@ class DataConfig:
         from vdiff.data.shapes import ShapesWorld
 
         return ShapesWorld(self.num_samples, num_frames=self.num_frames, height=self.height, width=self.width,
-                           seed=self.seed, split=self.split, position_jitter=self.position_jitter)
+                           seed=self.seed, split=self.split, position_jitter=self.position_jitter,
+                           boundary=self.boundary)
 
 
 @dataclass
@@ -137,6 +141,12 @@ class TrainConfig:
     sequence_parallel: int = 1  # Ulysses group size; must divide the number of processes and the head count
     log_every: int = 1
     export: bool = True  # write output_dir/pipeline at the end
+    # flow | teacher_forcing | diffusion_forcing (the last two: causal models, train/objectives.py)
+    objective: Literal["flow", "teacher_forcing", "diffusion_forcing"] = "flow"
+    context_noise: float = 0.0  # causal models: noise level of the context chunks (the sampler uses the same)
+    # train LoRA adapters only (PEFT; the model's own weights frozen): {rank, alpha, target_modules, dropout}.
+    # None = train every weight. The export holds the base transformer + pytorch_lora_weights.safetensors.
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -184,6 +194,13 @@ class TrainRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.objective != "flow" and self.model.to_model_config().causal is None:
+            raise ConfigError(f"train.objective={self.train.objective} trains a causal model: set model.causal "
+                              "(chunk_frames, sink_chunks, window_chunks, rope)")
+        if not 0.0 <= self.train.context_noise < 1.0:
+            raise ConfigError(f"train.context_noise must be in [0, 1), got {self.train.context_noise}")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:

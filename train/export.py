@@ -30,7 +30,10 @@ def build_pipeline(recipe: TrainRecipe, transformer: torch.nn.Module, text_encod
         num_frames=recipe.data.num_frames, height=recipe.data.height, width=recipe.data.width,
         num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
         text_encoder="minilm" if recipe.text_encoder == "minilm" else "text_encoder",
-        text_max_length=recipe.text_max_length, attention=recipe.model.attention)
+        text_max_length=recipe.text_max_length, attention=recipe.model.attention,
+        context_noise=recipe.train.context_noise)
+    if recipe.model.to_model_config().causal is not None:
+        config.cache = ["text_kv", "causal_kv", "prompt"]  # chunk by chunk over the causal KV cache
     if not for_export:
         config.cache = []
     return VideoPipeline(transformer, text_encoder, vae, make_scheduler(v.sampler, v.shift), config)

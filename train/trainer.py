@@ -31,10 +31,12 @@ from train.config import TrainRecipe
 from train.data import batches, build_dataset, build_encoders, sample_generator
 from train.distributed import Distributed
 from train.export import export_pipeline, validation_samples
+from train.objectives import CausalObjectives
 from train.report import MetricsLog, start_line, summary_text, write_rank_record
 from vdiff.attention import MaskCache
 from vdiff.config import to_dict
 from vdiff.diffusion.flow import add_noise, flow_loss, sample_sigmas, timesteps_of
+from vdiff.lora import add_lora, trainable_parameters
 from vdiff.models.dit import VideoDiT
 from vdiff.parallel import apply_sequence_parallel
 
@@ -50,7 +52,7 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * decay
 
 
-class Trainer:
+class Trainer(CausalObjectives):
     """One training run of `recipe`. `before_publish(tmp_folder, step)` is called by the main process after a
     checkpoint's files are written and before it is published (tests kill the run there); with `debug_dir`, every
     rank writes the sample indices it read and a hash of its final parameters there (tests compare ranks)."""
@@ -74,6 +76,8 @@ class Trainer:
             model = VideoDiT.from_model_config(self.model_config)
         if r.init_from:
             load_initial_weights(model, r.init_from)
+        if r.lora is not None:  # seeded, before the EMA copy and prepare(): every rank and run start the same adapter
+            add_lora(model, r.lora, seed=r.seed)
         model.to(self.device)
         model.set_attention(recipe.model.attention)  # raises now if the backend cannot run (or train) here
         if r.gradient_checkpointing:
@@ -90,7 +94,8 @@ class Trainer:
             recipe.data.num_frames, recipe.data.height, recipe.data.width)))
 
         o = recipe.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+        params = trainable_parameters(model) if r.lora is not None else model.parameters()  # LoRA: adapters only
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay)
         # Stepped here once per optimizer step (not via prepare(): Accelerate would step it once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -131,6 +136,11 @@ class Trainer:
         return self.model(x, timesteps_of(sigmas), text, return_dict=False, attention_kwargs=kwargs)[0]
 
     def compute_loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """The loss of `train.objective`: one method per objective (loss_flow here, the causal ones in
+        train/objectives.py); a subclass overrides one of them, or this."""
+        return getattr(self, f"loss_{self.recipe.train.objective}")(batch, step)
+
+    def loss_flow(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Flow matching (vdiff.diffusion.flow): predict v = noise - x0 at x_s = (1 - s) x0 + s noise. Each sample's
         noise, level s and caption dropout come from its own generator (train.data.sample_generator)."""
         r = self.recipe.train
@@ -252,8 +262,9 @@ class Trainer:
         step, decay = self.progress.step, self.recipe.train.ema_decay
         decay = min(decay, (1 + step) / (10 + step))  # warm-up: early EMA follows the weights closely
         with self.dist.full_parameters(self.model) as params:
-            ema = list(self.ema.parameters())
-            torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for p, e in zip(params, ema)], 1 - decay)
+            pairs = [(e, p) for p, e in zip(params, self.ema.parameters()) if p.requires_grad]  # LoRA: adapters
+            ema = [e for e, _ in pairs]
+            torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for e, p in pairs], 1 - decay)
 
     def save_checkpoint(self, step: int) -> Path:
         return self.checkpoints.save(step, {"step": step, "recipe": to_dict(self.recipe)})

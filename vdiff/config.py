@@ -31,6 +31,39 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class CausalConfig:
+    """Block-causal generation (long video), vdiff's own option (None = the bidirectional model, exactly Wan).
+
+    The latent frames are cut into chunks of `chunk_frames`; a chunk attends to itself, to the first `sink_chunks`
+    chunks (kept forever) and to the `window_chunks` chunks before it (None: every earlier chunk). `rope`:
+    "absolute" rotates keys at their absolute frame positions (length bounded by `rope_max_seq_len` frames);
+    "window" places the attended chunks at consecutive positions (sinks first, the current chunk last), so positions
+    never exceed sink + window + 1 chunks and length is unbounded. Training and sampling use the same rule."""
+
+    chunk_frames: int = 2
+    sink_chunks: int = 1
+    window_chunks: int | None = 2
+    rope: Literal["absolute", "window"] = "window"
+
+    def __post_init__(self) -> None:
+        for name, lo in (("chunk_frames", 1), ("sink_chunks", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"model.causal.{name} must be an int >= {lo}, got {value!r}")
+        w = self.window_chunks
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise ConfigError(f"model.causal.window_chunks must be null (every earlier chunk) or an int >= 0, "
+                              f"got {w!r}")
+        if self.rope not in ("absolute", "window"):
+            raise ConfigError(f"model.causal.rope must be 'absolute' or 'window', got {self.rope!r}")
+
+    @property
+    def finite(self) -> bool:
+        """Whether a chunk attends a bounded number of chunks (its cost per chunk is flat)."""
+        return self.window_chunks is not None
+
+
+@dataclass
 class ModelConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_attention_heads: int = 40
@@ -53,8 +86,15 @@ class ModelConfig:
     # model sees absolute placement only through slow-to-learn border effects; small models trained from scratch on
     # layout-from-text tasks (the bundled ShapesWorld model: "moving left" from pure noise) learn it with this.
     abs_pos_embed: bool = False
+    # vdiff's own option (None = exactly Wan): chunk-by-chunk block-causal generation (vdiff.models.causal)
+    causal: CausalConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.causal, dict):
+            self.causal = CausalConfig(**self.causal)
+        if self.causal is not None and self.causal.chunk_frames % self.patch_size[0]:
+            raise ConfigError(f"model.causal.chunk_frames={self.causal.chunk_frames} must be a multiple of the "
+                              f"temporal patch size {self.patch_size[0]}")
         if self.attention_head_dim % 2:
             raise ConfigError(
                 f"model.attention_head_dim must be even (RoPE pairs channels), got {self.attention_head_dim}"
@@ -74,6 +114,8 @@ class ModelConfig:
         kwargs = dataclasses.asdict(self)
         if kwargs.pop("abs_pos_embed"):
             raise ConfigError("model.abs_pos_embed=true has no Wan/diffusers equivalent (WanTransformer3DModel)")
+        if kwargs.pop("causal") is not None:
+            raise ConfigError("model.causal has no Wan/diffusers equivalent (WanTransformer3DModel is bidirectional)")
         return kwargs
 
     def to_vdiff(self) -> dict[str, Any]:
@@ -299,6 +341,9 @@ def _coerce(tp: Any, value: Any, key: str, current: Any = None) -> Any:
                 return _coerce(arg, value, key, current)
             except ConfigError as err:
                 errors.append(str(err))
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]) and isinstance(value, dict):
+            raise ConfigError(errors[0])  # an optional section: its own error names the key inside it
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

@@ -28,10 +28,10 @@ import dataclasses
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,87 +41,30 @@ from vdiff.cache import CACHE_NAMES, CacheConfig, apply_cache, cache_config, cac
 from vdiff.config import AttentionConfig, ConfigError, ModelConfig, from_dict, to_dict
 from vdiff.diffusion.sampling import Cancelled, denoise, fresh_scheduler, make_scheduler, sampler_name
 from vdiff.limits import GenerationLimits
+from vdiff.lora import LORA_WEIGHT_NAME, LoraPipelineMixin
 from vdiff.models.dit import VideoDiT
 from vdiff.models.text import HFTextEncoder, minilm_text_encoder
 from vdiff.models.vae import PixelPatchVAE, WanVAE, load_vae
-from vdiff.pipeline_io import atomic_folder, load_scheduler, read_config, to_uint8, write_config, write_video
+from vdiff.outputs import PipelineStats, VideoOutput
+from vdiff.pipeline_io import (
+    PipelineConfig,
+    atomic_folder,
+    load_scheduler,
+    read_config,
+    to_uint8,
+    write_config,
+    write_video,
+)
 
 # to_uint8 and write_video live in vdiff.pipeline_io; they stay importable from here for existing callers.
+if TYPE_CHECKING:
+    from vdiff.streaming import VideoChunk
+
 __all__ = ["Cancelled", "GenerationLimits", "PipelineConfig", "PipelineStats", "VideoOutput", "VideoPipeline",
            "to_uint8", "write_video"]
 
 
-@dataclass
-class PipelineConfig:
-    """Defaults of a pipeline (saved as vdiff.json). Every call argument left as None takes the value here."""
-
-    num_frames: int = 16
-    height: int = 32
-    width: int = 32
-    num_inference_steps: int = 30
-    guidance_scale: float = 5.0
-    negative_prompt: str = ""
-    fps: int = 8
-    text_encoder: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2) or a subfolder with a transformers encoder
-    tokenizer: str | None = None  # subfolder of the tokenizer when it is not inside the text encoder's (Wan: tokenizer)
-    text_max_length: int = 32
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    cache: list[str] = field(default_factory=lambda: ["text_kv", "mask", "prompt"])  # exact caches on by default
-    max_num_frames: int | None = None  # optional caps below what the model can do (e.g. for a public server)
-    max_height: int | None = None
-    max_width: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in self.cache:
-            if name not in CACHE_NAMES:
-                raise ConfigError(f"cache: unknown cache {name!r}; known: {list(CACHE_NAMES)}")
-
-
-@dataclass
-class PipelineStats:
-    total_s: float = 0.0
-    text_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    step_s: list[float] = field(default_factory=list)
-    attention: AttentionStats = field(default_factory=AttentionStats)
-    cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # per cache: hits / misses (step: computed/skipped)
-    tokens: int = 0  # transformer tokens per video
-    grid: tuple[int, int, int] = (0, 0, 0)
-
-    @property
-    def step_mean_s(self) -> float:
-        return sum(self.step_s) / len(self.step_s) if self.step_s else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "total_s": self.total_s, "text_s": self.text_s, "denoise_s": self.denoise_s, "decode_s": self.decode_s,
-            "step_mean_s": self.step_mean_s, "steps": len(self.step_s), "tokens": self.tokens, "grid": list(self.grid),
-            "attention_density": self.attention.density, "attention_calls": self.attention.calls,
-            "attention_backends": dict(self.attention.by_backend),
-            "attention_impls": dict(self.attention.by_impl), "cache": self.cache,
-        }
-
-
-@dataclass
-class VideoOutput:
-    videos: np.ndarray  # (B, T, H, W, 3) uint8
-    prompts: list[str]
-    seed: int
-    fps: int
-    stats: PipelineStats
-
-    @property
-    def frames(self) -> np.ndarray:
-        """The first (or only) video: uint8 (T, H, W, 3)."""
-        return self.videos[0]
-
-    def save(self, path: str | Path, index: int = 0, fps: int | None = None) -> Path:
-        """Write video `index` to `path` (.mp4, .gif or .webm, by extension)."""
-        return write_video(path, self.videos[index], fps or self.fps)
-
-
-class VideoPipeline:
+class VideoPipeline(LoraPipelineMixin):
     """Text encoder, transformer, scheduler and VAE behind one call. What a call accepts is `self.limits`, built
     once here from the components, so the checks, the error messages and the server all read the same numbers."""
 
@@ -201,6 +144,8 @@ class VideoPipeline:
                 tokenizer_path=path / config.tokenizer if config.tokenizer else None)
         vae = load_vae(path / "vae")
         pipe = cls(transformer, text_encoder, vae, scheduler, config)
+        if config.lora:
+            pipe.load_lora_weights(path / config.lora, scale=config.lora_scale)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -209,7 +154,8 @@ class VideoPipeline:
         """Write the pipeline folder (atomically: into a temporary folder, then renamed)."""
         cfg = self.config
         with atomic_folder(path) as tmp:
-            self.transformer.save_pretrained(tmp / "transformer")
+            lora = self._save_transformer(tmp)  # the base weights (+ the adapter file when one is active)
+            cfg = dataclasses.replace(cfg, lora=LORA_WEIGHT_NAME if lora else None, lora_scale=lora[1] if lora else 1.0)
             self.vae.save_pretrained(tmp / "vae")
             self.scheduler.save_pretrained(tmp / "scheduler")
             if cfg.text_encoder != "minilm":
@@ -232,6 +178,38 @@ class VideoPipeline:
     @property
     def device(self) -> torch.device:
         return self.transformer.device
+
+    @property
+    def chunk_pixel_frames(self) -> int:
+        """Video frames of one chunk of a causal model (its chunk_frames latent frames, decoded on their own)."""
+        causal = self.transformer.causal_config
+        if causal is None:
+            raise ValueError("stream needs a causal model (model.causal); this one generates whole clips")
+        if not isinstance(self.vae, PixelPatchVAE):
+            raise ValueError(f"stream decodes chunk by chunk, which needs a VAE without temporal context (the pixel "
+                             f"VAE); {type(self.vae).__name__} is not supported for causal models yet")
+        return causal.chunk_frames * self.vae.stride[0]
+
+    def stream(self, prompt: str | Sequence[str], *, num_chunks: int | None = None, seed: int | None = None,
+               num_inference_steps: int | None = None, guidance_scale: float | None = None,
+               prompts: dict[int, str] | None = None, cache: Sequence[str | CacheConfig] | None = None,
+               callback: Callable[[int, int, torch.Tensor], Any] | None = None, negative_prompt: Any = None,
+               height: int | None = None, width: int | None = None, progress: bool = False) -> Iterator[VideoChunk]:
+        """Generate a causal model's video chunk by chunk (vdiff.streaming): yields `VideoChunk`s (`.index`,
+        `.frames` uint8 (t, H, W, 3), `.stats`). num_chunks None: until the caller stops iterating. prompts={k: text}
+        switches the prompt at chunk k. cache: None = the pipeline's caches (with causal_kv: each chunk attends to
+        stored K/V); a list without causal_kv recomputes the whole history at every step (the reference)."""
+        from vdiff.streaming import check_stream_args, stream_chunks
+
+        switches = check_stream_args(num_chunks, prompts)
+        a = self._resolve(prompt, negative_prompt, self.chunk_pixel_frames, height, width, num_inference_steps,
+                          guidance_scale, seed, None, cache, callback, None, None)
+        if "step" in a.caches:
+            raise ValueError("cache: the step cache does not apply to chunk-by-chunk generation; leave 'step' out")
+        kv = a.cache_configs.get("causal_kv") or self._installed.get("causal_kv")
+        commit = kv.commit if "causal_kv" in a.caches and kv is not None else None
+        return stream_chunks(self, a, num_chunks=num_chunks, switches=switches, context_noise=self.config.context_noise,
+                             commit=commit, attention_stats=AttentionStats(), callback=callback, progress=progress)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Caches
@@ -384,6 +362,15 @@ class VideoPipeline:
         sampler / shift: override the scheduler's ("unipc" | "euler", flow shift) for this call.
         """
         t_start = time.perf_counter()
+        if self.transformer.causal_config is not None:
+            from vdiff.streaming import collect
+
+            for name, value in (("attention", attention), ("sampler", sampler), ("shift", shift)):
+                if value is not None:
+                    raise ValueError(f"{name}: a causal model generates chunk by chunk with its folder's {name}; "
+                                     "choosing another per call is not supported yet")
+            return collect(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                           guidance_scale, seed, cache, callback, progress)
         a = self._resolve(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, seed,
                           attention, cache, callback, sampler, shift)
         stats = PipelineStats()

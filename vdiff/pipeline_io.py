@@ -1,4 +1,4 @@
-"""A pipeline's files: its config, its scheduler, writing the folder atomically, and writing videos.
+"""A pipeline's files: its config (`PipelineConfig`), its scheduler, writing the folder atomically, writing videos.
 
     data = read_config(folder)            # vdiff.json, vdiff.yaml, or Wan's defaults for a diffusers Wan folder
     scheduler = load_scheduler(folder / "scheduler")
@@ -17,18 +17,52 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vdiff.cache import CACHE_NAMES
+from vdiff.config import AttentionConfig, ConfigError
 from vdiff.diffusion.sampling import sampler_name
 
 CONFIG_NAME = "vdiff.json"
 YAML_CONFIG_NAME = "vdiff.yaml"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 VIDEO_FORMATS = (".mp4", ".gif", ".webm")
+
+@dataclass
+class PipelineConfig:
+    """Defaults of a pipeline (saved as vdiff.json). Every call argument left as None takes the value here."""
+
+    num_frames: int = 16
+    height: int = 32
+    width: int = 32
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    fps: int = 8
+    text_encoder: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2) or a subfolder with a transformers encoder
+    tokenizer: str | None = None  # subfolder of the tokenizer when it is not inside the text encoder's (Wan: tokenizer)
+    text_max_length: int = 32
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    cache: list[str] = field(default_factory=lambda: ["text_kv", "mask", "prompt"])  # exact caches on by default
+    max_num_frames: int | None = None  # optional caps below what the model can do (e.g. for a public server)
+    max_height: int | None = None
+    max_width: int | None = None
+    lora: str | None = None  # LoRA file in the folder (pytorch_lora_weights.safetensors) that from_pretrained loads
+    lora_scale: float = 1.0
+    context_noise: float = 0.0  # causal models: noise level of the history chunks attend to (as in training)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ConfigError(f"context_noise must be in [0, 1), got {self.context_noise!r}")
+        for name in self.cache:
+            if name not in CACHE_NAMES:
+                raise ConfigError(f"cache: unknown cache {name!r}; known: {list(CACHE_NAMES)}")
+
 
 # What a Wan2.1 diffusers folder (model_index.json, no vdiff.json) implies: Wan's own sampling recipe and UMT5.
 WAN_DEFAULTS = dict(num_frames=81, height=480, width=832, num_inference_steps=50, guidance_scale=5.0, fps=16,

@@ -8,8 +8,9 @@ key=value settings (YAML values): num_frames, height, width, num_inference_steps
 negative_prompt, sampler (unipc | euler), shift, fps, attention (a backend name, or attention.FIELD=... for
 AttentionConfig fields, e.g. attention.backend=radial attention.radial.decay_factor=0.9), cache (a list of
 text_kv | mask | step | prompt; [] for none), step.FIELD=... (StepCacheConfig: threshold, warmup_steps,
-max_consecutive_skips, indicator = first_block | modulated_input). Anything not given takes the checkpoint's defaults
-(its vdiff.json).
+max_consecutive_skips, indicator = first_block | modulated_input), lora=PATH (a LoRA file or folder, diffusers'
+format) with lora_scale=S (default 1), num_chunks=N (a causal model: N chunks, chunk by chunk over the causal KV
+cache). Anything not given takes the checkpoint's defaults (its vdiff.json).
 
 The same command is `python -m vdiff.sample` and, once vdiff is installed, `vdiff-sample`.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 # Settings that go to VideoPipeline.__call__ as they are; fps and step.* are handled here.
 CALL_KEYS = {"num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "negative_prompt",
-             "sampler", "shift", "attention", "cache"}
+             "sampler", "shift", "attention", "cache", "num_chunks"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,35 @@ def call_kwargs(overrides: list[str]) -> tuple[dict, int | None]:
     return values, fps
 
 
+def lora_settings(overrides: list[str]) -> tuple[list[str], Path | None, float]:
+    """Take `lora=PATH` and `lora_scale=S` out of the key=value settings: (the other settings, path, scale)."""
+    from vdiff.config import ConfigError
+
+    rest, found = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in ("lora", "lora_scale"):
+            found[key] = value
+        else:
+            rest.append(item)
+    if "lora_scale" in found and "lora" not in found:
+        raise ConfigError("lora_scale needs lora=PATH (the adapter to scale)")
+    try:
+        scale = float(found.get("lora_scale", 1.0))
+    except ValueError:
+        raise ConfigError(f"lora_scale: expected a number, got {found['lora_scale']!r}") from None
+    lora = Path(found["lora"]) if "lora" in found else None
+    if lora is not None and not lora.exists():
+        raise ConfigError(f"lora={lora}: no such file or folder")
+    return rest, lora, scale
+
+
+def _chunks_to_frames(pipe, num_chunks) -> int:
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"num_chunks must be an int >= 1, got {num_chunks!r}")
+    return num_chunks * pipe.chunk_pixel_frames  # ValueError for a bidirectional model
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 when the video(s) were written; 2 for a bad setting, checkpoint or output name."""
     args = parse_args(argv)
@@ -74,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from vdiff.runtime import BUNDLED_CHECKPOINT, default_device
 
     try:
-        kwargs, fps = call_kwargs(args.overrides)
+        overrides, lora, lora_scale = lora_settings(args.overrides)
+        kwargs, fps = call_kwargs(overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -94,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or str(default_device())
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = VideoPipeline.from_pretrained(ckpt, device=device, torch_dtype=getattr(torch, dtype_name))
+    if lora is not None:
+        pipe.load_lora_weights(lora, scale=lora_scale)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     try:
+        if "num_chunks" in kwargs:  # long video: num_chunks chunks of a causal model, one clip
+            kwargs["num_frames"] = _chunks_to_frames(pipe, kwargs.pop("num_chunks"))
         out = pipe(prompts, progress=True, **kwargs)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

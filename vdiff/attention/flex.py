@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,12 +60,33 @@ def full_block_mask(q_len: int, kv_len: int, device: torch.device | str, block_s
                                     BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len))
 
 
+@dataclass(frozen=True)
+class GatheredBlockMask:
+    """A BlockMask over re-laid-out queries and keys (e.g. sliding tile's packed layouts, padded to whole blocks).
+
+    q_index [Lq'] / kv_index [Lk']: the token each query / key position reads; out_index [L]: the query position
+    holding each token's output. Padding positions read any token: the mask must exclude padding keys, and padding
+    query rows are never read back (so they get no gradient)."""
+
+    block_mask: Any
+    q_index: torch.Tensor
+    kv_index: torch.Tensor
+    out_index: torch.Tensor
+
+
 def flex_run(q, k, v, block_mask=None) -> torch.Tensor:
-    """[B, L, H, D] through compiled FlexAttention with an optional BlockMask -> [B, L, H, D]."""
+    """[B, L, H, D] through compiled FlexAttention with an optional BlockMask (or GatheredBlockMask) -> [B, L, H, D]."""
     if q.requires_grad and torch.is_grad_enabled() and flex_backward_reason(q.device):
         raise BackendUnavailable(f"flex: {flex_backward_reason(q.device)}")
     if not torch.is_grad_enabled():  # inference on leaves that require grad: the CPU kernel refuses those
         q, k, v = q.detach(), k.detach(), v.detach()
+    if isinstance(block_mask, GatheredBlockMask):
+        # gathering along L of the [B, H, L, D] view writes the contiguous layout the kernel reads in the same copy
+        m = block_mask
+        q_, k_, v_ = (t.transpose(1, 2).index_select(2, idx).contiguous()
+                      for t, idx in ((q, m.q_index), (k, m.kv_index), (v, m.kv_index)))
+        out = compiled_flex_attention()(q_, k_, v_, block_mask=m.block_mask)  # [B, H, Lq', D]
+        return out.index_select(2, m.out_index).transpose(1, 2)
     if block_mask is None:
         block_mask = full_block_mask(q.shape[1], k.shape[1], q.device)
     # The kernel reads [B, H, L, D]; strided (transposed) inputs run ~2x slower on CPU, so copy once.
@@ -81,8 +104,10 @@ def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_mask_from_blocks(full_blocks: torch.Tensor, block_size: int, length: int, device: torch.device | str,
-                           partial_blocks: torch.Tensor | None = None, mask_mod: Callable | None = None):
-    """A FlexAttention BlockMask over `length` tokens from block grids [Nq, Nk].
+                           partial_blocks: torch.Tensor | None = None, mask_mod: Callable | None = None,
+                           kv_length: int | None = None):
+    """A FlexAttention BlockMask over `length` queries and `kv_length` keys (default: `length`) from block grids
+    [Nq, Nk], built on `device` (the block lists are sorted there).
 
     full_blocks: the kernel computes every pair of these blocks (no mask_mod evaluated).
     partial_blocks (with mask_mod): the kernel evaluates `mask_mod(b, h, q_idx, kv_idx)` per pair in these blocks.
@@ -97,7 +122,7 @@ def block_mask_from_blocks(full_blocks: torch.Tensor, block_size: int, length: i
     full_counts, full_indices = _block_lists(full_blocks)
     counts, indices = _block_lists(partial_blocks)  # separate tensors: aliased inputs break the CPU kernel
     return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod, seq_lengths=(length, length))
+                                    mask_mod=mask_mod, seq_lengths=(length, length if kv_length is None else kv_length))
 
 
 def block_mask_from_mask_mod(mask_mod: Callable, length: int, block_size: int, device: torch.device | str):

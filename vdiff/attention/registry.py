@@ -129,6 +129,10 @@ class AttentionContext:
     # Sequence parallel: an object with `gather(q, k, v) -> (q, k, v)` (full sequence, fewer heads) and
     # `scatter(out) -> out` (back to the local sequence shard); set by vdiff.parallel's hook, never by the model.
     sequence_parallel: Any = None
+    # Causal models (long video): the chunk layout of this forward (vdiff.models.causal.CausalLayout) and the
+    # per-call KV state the causal_kv cache hook reads (None: no cache, the plain block-causal attention).
+    causal: Any = None
+    kv_cache: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@
     mask      MaskCacheConfig      transformer    yes: sparse masks / block indices once per (grid, options)
     step      StepCacheConfig      transformer    no:  residual reuse, `threshold`; first-block or TeaCache indicator
     prompt    PromptCacheConfig    text encoder   yes (to float rounding): LRU of prompt embeddings across calls
+    causal_kv CausalKVCacheConfig  transformer    yes (commit="clean"): earlier chunks' K/V for long video
 
     from vdiff.cache import apply_text_kv_cache, TextKVCacheConfig, cache_context
     apply_text_kv_cache(model, TextKVCacheConfig())
@@ -16,19 +17,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from vdiff.cache.causal_kv import CausalKVCacheConfig, CausalKVState, apply_causal_kv_cache, remove_causal_kv_cache
 from vdiff.cache.context import CacheCall, cache_context, current_call
 from vdiff.cache.mask import MaskCacheConfig, apply_mask_cache, no_mask_cache, remove_mask_cache
 from vdiff.cache.prompt import PromptCacheConfig, apply_prompt_cache, remove_prompt_cache
 from vdiff.cache.step import StepCacheConfig, apply_step_cache, remove_step_cache
 from vdiff.cache.text_kv import TextKVCacheConfig, apply_text_kv_cache, remove_text_kv_cache
 
-CacheConfig = TextKVCacheConfig | MaskCacheConfig | StepCacheConfig | PromptCacheConfig
+CacheConfig = TextKVCacheConfig | MaskCacheConfig | StepCacheConfig | PromptCacheConfig | CausalKVCacheConfig
 
 CACHES: dict[str, tuple[type, Any, Any]] = {
     "text_kv": (TextKVCacheConfig, apply_text_kv_cache, remove_text_kv_cache),
     "mask": (MaskCacheConfig, apply_mask_cache, remove_mask_cache),
     "step": (StepCacheConfig, apply_step_cache, remove_step_cache),
     "prompt": (PromptCacheConfig, apply_prompt_cache, remove_prompt_cache),
+    "causal_kv": (CausalKVCacheConfig, apply_causal_kv_cache, remove_causal_kv_cache),
 }
 CACHE_NAMES = tuple(CACHES)
 
@@ -54,7 +57,8 @@ def remove_cache(module: Any, name: str) -> bool:
 
 
 __all__ = [
-    "CACHES", "CACHE_NAMES", "CacheCall", "CacheConfig", "MaskCacheConfig", "PromptCacheConfig", "StepCacheConfig",
+    "CACHES", "CACHE_NAMES", "CacheCall", "CacheConfig", "CausalKVCacheConfig", "CausalKVState", "MaskCacheConfig",
+    "PromptCacheConfig", "StepCacheConfig",
     "TextKVCacheConfig", "apply_cache", "apply_mask_cache", "apply_prompt_cache", "apply_step_cache",
     "apply_text_kv_cache", "cache_config", "cache_context", "current_call", "no_mask_cache", "remove_cache",
     "remove_mask_cache", "remove_prompt_cache", "remove_step_cache", "remove_text_kv_cache",

@@ -48,12 +48,19 @@ def current_call() -> CacheCall | None:
 
 @contextmanager
 def cache_context(enabled: set[str] | frozenset[str] | list[str] | None = None,
-                  configs: dict[str, Any] | None = None) -> Iterator[CacheCall]:
-    """Scope one sampling call: hooks keep their per-call state here and drop it when the block ends."""
-    call = CacheCall(frozenset(enabled) if enabled is not None else None, dict(configs or {}))
+                  configs: dict[str, Any] | None = None, *, call: CacheCall | None = None,
+                  keep: bool = False) -> Iterator[CacheCall]:
+    """Scope one sampling call: hooks keep their per-call state here and drop it when the block ends.
+
+    `call` re-enters an existing call's state and `keep` leaves it in place at the end: a stream opens the context
+    around each chunk's work (never across a `yield`, where the caller's code would run inside it) yet keeps one
+    call's state, e.g. the text K/V, from the first chunk to the last."""
+    if call is None:
+        call = CacheCall(frozenset(enabled) if enabled is not None else None, dict(configs or {}))
     token = _CURRENT.set(call)
     try:
         yield call
     finally:
         _CURRENT.reset(token)
-        call.data.clear()
+        if not keep:
+            call.data.clear()

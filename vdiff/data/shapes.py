@@ -364,8 +364,13 @@ class ShapesWorld(torch.utils.data.Dataset):
         background: str | None = None,
         distractors: int = 0,
         position_jitter: float | None = None,
+        boundary: str = "stop",
     ) -> None:
         _check_int("num_samples", num_samples, 1, 2**40)
+        if boundary not in ("stop", "wrap"):
+            raise ValueError(f"boundary must be 'stop' (stay inside the frame) or 'wrap' (vdiff.data.shapes_long), "
+                             f"got {boundary!r}")
+        self.boundary = boundary
         _check_int("seed", seed, 0, 2**63 - 1)
         self.combinations = split_combinations(split)
         self.num_samples = int(num_samples)
@@ -399,6 +404,13 @@ class ShapesWorld(torch.utils.data.Dataset):
     def clip(self, index: int) -> np.ndarray:
         """Item `index` as uint8 [T, H, W, 3] (the evaluator's layout)."""
         (colour, shape, direction), clip_seed = self.spec(index)
+        if self.boundary == "wrap":  # long-video world: constant speed, wrapping around the frame
+            from vdiff.data.shapes_long import render_long_clip
+
+            kw = self.render_kwargs
+            return render_long_clip(colour, shape, [direction], segment_frames=kw["num_frames"], height=kw["height"],
+                                    width=kw["width"], seed=clip_seed, size=kw["size"], speed=kw["speed"],
+                                    position_jitter=kw["position_jitter"])
         return render_clip(colour, shape, direction, seed=clip_seed, **self.render_kwargs)
 
     def __getitem__(self, index: int) -> dict:

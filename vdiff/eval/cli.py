@@ -93,8 +93,18 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or str(default_device())
     pipe = VideoPipeline.from_pretrained(ckpt, device=device)
+    causal = pipe.transformer.causal_config is not None
+    if cfg.num_chunks is not None and not causal:
+        print("error: num_chunks is for causal (long-video) checkpoints; this one generates whole clips",
+              file=sys.stderr)
+        return 2
     try:
-        report = run_eval(pipe, cfg, progress=not args.quiet, keep_clips=args.save_clips is not None)
+        if causal:
+            from vdiff.eval.long_run import format_long_report, run_long_eval
+
+            report = run_long_eval(pipe, cfg, progress=not args.quiet)
+        else:
+            report = run_eval(pipe, cfg, progress=not args.quiet, keep_clips=args.save_clips is not None)
     except (ValueError, ConfigError) as err:  # a bad sampling setting, named by the pipeline
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             write_video(args.save_clips / f"{i:03d}-{slug}{'' if row['all_correct'] else '-WRONG'}.gif", clip)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    if causal:
+        print(format_long_report(report))
+        print(f"report: {out}")
+        return 0
     print(format_report(report))
     print(f"report: {out}")
     if args.markdown is not None:

@@ -47,8 +47,11 @@ class EvalConfig:
     num_frames: int | None = None
     height: int | None = None
     width: int | None = None
+    num_chunks: int | None = None  # causal checkpoints: chunks per clip (default 16; vdiff.eval.long_run)
 
     def __post_init__(self) -> None:
+        if self.num_chunks is not None and self.num_chunks < 4:
+            raise ConfigError(f"num_chunks must be >= 4 (first-4 vs last-4 chunks), got {self.num_chunks}")
         if self.num_clips < 1:
             raise ConfigError(f"num_clips must be >= 1, got {self.num_clips}")
         if self.batch_size < 1:

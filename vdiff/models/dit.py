@@ -24,10 +24,16 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from vdiff.attention import AttentionContext, MaskCache, check_config, dispatch, token_order
-from vdiff.config import AttentionConfig, ModelConfig
+from vdiff.config import AttentionConfig, CausalConfig, ModelConfig
+from vdiff.models.causal import causal_attention, layout_for
+from vdiff.models.diffusers_interop import DiffusersInterop
 from vdiff.models.layers import (
+    FeedForward,
     FP32LayerNorm,
+    ImageEmbedding,
     RotaryPosEmbed3D,
+    TextProjection,
+    TimestepEmbedding,
     absolute_position_table,
     apply_rope,
     timestep_embedding,
@@ -39,70 +45,6 @@ WAN_TEXT_LEN = 512
 # --------------------------------------------------------------------------------------------------------------------
 # Conditioning: timestep -> adaLN modulation, text (and image) projection
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
-class TextProjection(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act_1 = nn.GELU(approximate="tanh")
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act_1(self.linear_1(x)))
-
-
-class GELUProj(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, approximate: str = "none"):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, out_dim)
-        self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
-
-
-class FeedForward(nn.Module):
-    """Linear -> GELU -> Linear, keyed `net.0.proj`, `net.2` as in diffusers."""
-
-    def __init__(self, dim: int, inner_dim: int, out_dim: int | None = None, approximate: str = "tanh"):
-        super().__init__()
-        self.net = nn.ModuleList(
-            [GELUProj(dim, inner_dim, approximate), nn.Dropout(0.0), nn.Linear(inner_dim, out_dim or dim)]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-class ImageEmbedding(nn.Module):
-    """CLIP image tokens -> hidden size (Wan I2V)."""
-
-    def __init__(self, in_dim: int, dim: int, pos_embed_seq_len: int | None = None):
-        super().__init__()
-        self.norm1 = FP32LayerNorm(in_dim)
-        self.ff = FeedForward(in_dim, in_dim, dim, approximate="none")
-        self.norm2 = FP32LayerNorm(dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, in_dim)) if pos_embed_seq_len else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pos_embed is not None:
-            b, s, c = x.shape
-            x = x.view(-1, 2 * s, c) + self.pos_embed
-        return self.norm2(self.ff(self.norm1(x)))
 
 
 class ConditionEmbedder(nn.Module):
@@ -154,12 +96,19 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw (un-rotated) q, k, v (B, L, N, Dh) of tokens x (B, L, D)."""
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
         k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
         v = self.to_v(x).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = dispatch(q, k, v, ctx)  # (B, L, N, Dh)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        q, k, v = self.project(x)
+        if ctx.causal is not None:  # long video: chunk-by-chunk, each chunk at the positions it sees them
+            o = causal_attention(q, k, v, ctx)  # (B, L, N, Dh)
+        else:
+            o = dispatch(apply_rope(q, *rope), apply_rope(k, *rope), v, ctx)  # (B, L, N, Dh)
         return self.out(o, q)  # (B, L, D)
 
 
@@ -260,7 +209,7 @@ class VideoDiTBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
+class VideoDiT(DiffusersInterop, ModelMixin, ConfigMixin):
     """Wan2.1-architecture video DiT with a swappable self-attention backend.
 
     Attention is chosen by `model.set_attention(AttentionConfig(...))` (or a backend name), or per call with
@@ -274,7 +223,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
     _no_split_modules = ["VideoDiTBlock"]
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
-    ATTENTION_KWARGS = ("attention", "step", "timestep", "stats", "mask_cache")
+    # attention_kwargs a forward takes; `chunks` / `kv_cache` are for causal models (vdiff.models.causal)
+    ATTENTION_KWARGS = ("attention", "step", "timestep", "stats", "mask_cache", "chunks", "kv_cache")
 
     @register_to_config
     def __init__(
@@ -296,6 +246,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
         abs_pos_embed: bool = False,
+        causal: dict | None = None,
     ) -> None:
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -320,6 +271,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         self.gradient_checkpointing = False
         self.attention_config = AttentionConfig()
+        # vdiff option (ModelConfig.causal; None = Wan): block-causal chunks for long video
+        self.causal_config = CausalConfig(**causal) if causal is not None else None
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -373,6 +326,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         # Sparse backends want space-time neighbours in the same kernel block: reorder once, restore at the end.
         perm = token_order(ctx.config, grid, x.device, ctx.mask_cache)  # (L,) or None
+        if self.causal_config is not None:
+            if perm is not None or ctx.config.backend != "dense":
+                raise ValueError(f"attention.backend={ctx.config.backend!r} does not run block-causal attention yet "
+                                 "(queries and keys of other lengths); a causal model runs attention.backend=dense")
+            ctx.causal = layout_for(self.causal_config, grid, self.patch[0], self.rope, ctx.causal)
         if perm is not None:
             x, rope = x[:, perm], (rope[0][perm], rope[1][perm])
             if temb.ndim == 3:
@@ -400,7 +358,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x = self.patch_embedding(latents)  # (B, D, T, H, W)
         x = x.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
         if self.pos_embed_gain is not None:
-            table = absolute_position_table(grid, x.shape[-1], x.device)  # (L, D), frame-major
+            t, h, w = grid
+            if self.causal_config is not None:  # time within the chunk: the same table whatever chunk a forward holds
+                frames = self.causal_config.chunk_frames // self.patch[0]
+                table = absolute_position_table((frames, h, w), x.shape[-1], x.device).repeat(t // frames, 1)
+            else:
+                table = absolute_position_table(grid, x.shape[-1], x.device)  # (L, D), frame-major
             x = x + (table * self.pos_embed_gain.float()).to(x.dtype)
         return x, (cos, sin)
 
@@ -439,6 +402,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
             from vdiff.config import from_dict
 
             config = from_dict(AttentionConfig, config, prefix="attention.")
+        if self.causal_config is None and (kwargs.get("chunks") is not None or kwargs.get("kv_cache") is not None):
+            raise TypeError("VideoDiT: attention_kwargs 'chunks' / 'kv_cache' are for causal models (model.causal)")
         return AttentionContext(
             grid=grid,
             config=config,
@@ -446,6 +411,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
             timestep=kwargs.get("timestep"),
             mask_cache=kwargs.get("mask_cache") or MaskCache(),  # no mask cache given: one for this forward only
             stats=kwargs.get("stats"),
+            causal=kwargs.get("chunks"),  # the entries; the forward turns them into a CausalLayout
+            kv_cache=kwargs.get("kv_cache"),
         )
 
 

@@ -1,4 +1,5 @@
-"""Shared primitives of the video DiT: 3D rotary position embedding, sinusoidal timestep embedding, fp32 LayerNorm."""
+"""Shared primitives of the video DiT: 3D rotary position embedding, sinusoidal timestep embedding, fp32 LayerNorm, and
+the small MLPs of the conditioning and the blocks (keys as in diffusers' Wan modules)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,24 @@ class RotaryPosEmbed3D(nn.Module):
         self.register_buffer("freqs_cos", angles.cos().float(), persistent=False)
         self.register_buffer("freqs_sin", angles.sin().float(), persistent=False)
 
-    def forward(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, grid: tuple[int, int, int],
+                frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for the grid's tokens; `frames` (LongTensor [T]) gives each frame's temporal position (default
+        0..T-1: a causal model places chunks at absolute or window positions)."""
         t, h, w = grid
         if max(grid) > self.max_seq_len:
             raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={self.max_seq_len} along an axis")
+        if frames is not None and (frames.numel() != t or int(frames.max()) >= self.max_seq_len):
+            raise ValueError(f"RoPE frame positions up to {int(frames.max())} for {t} frames: must be {t} positions "
+                             f"below rope_max_seq_len={self.max_seq_len}")
         parts = [d // 2 for d in self.axis_dims]
         out = []
         for table in (self.freqs_cos, self.freqs_sin):
             tt, hh, ww = table.split(parts, dim=1)
+            tt = tt[:t] if frames is None else tt[frames.to(tt.device)]
             full = torch.cat(
                 [
-                    tt[:t].view(t, 1, 1, -1).expand(t, h, w, -1),
+                    tt.view(t, 1, 1, -1).expand(t, h, w, -1),
                     hh[:h].view(1, h, 1, -1).expand(t, h, w, -1),
                     ww[:w].view(1, 1, w, -1).expand(t, h, w, -1),
                 ],
@@ -105,3 +113,72 @@ class FP32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MLPs: timestep embedding, text projection, feed-forward, image embedding (Wan I2V)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TextProjection(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, approximate: str = "none"):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Linear, keyed `net.0.proj`, `net.2` as in diffusers."""
+
+    def __init__(self, dim: int, inner_dim: int, out_dim: int | None = None, approximate: str = "tanh"):
+        super().__init__()
+        self.net = nn.ModuleList(
+            [GELUProj(dim, inner_dim, approximate), nn.Dropout(0.0), nn.Linear(inner_dim, out_dim or dim)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> hidden size (Wan I2V)."""
+
+    def __init__(self, in_dim: int, dim: int, pos_embed_seq_len: int | None = None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(in_dim)
+        self.ff = FeedForward(in_dim, in_dim, dim, approximate="none")
+        self.norm2 = FP32LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, in_dim)) if pos_embed_seq_len else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            b, s, c = x.shape
+            x = x.view(-1, 2 * s, c) + self.pos_embed
+        return self.norm2(self.ff(self.norm1(x)))

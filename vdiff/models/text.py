@@ -6,7 +6,9 @@ padding positions are zeroed and every batch has the same length (`max_length`),
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,31 +30,61 @@ def minilm_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-class HFTextEncoder(nn.Module):
-    """A transformers encoder (BERT-like or T5/UMT5 encoder) + tokenizer loaded from a local folder."""
+# T5-family model_type -> the encoder class diffusers' Wan pipelines load for it
+T5_ENCODERS = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel"}
 
-    def __init__(self, tokenizer, model: nn.Module, max_length: int):
+
+def clean_prompt(text: str) -> str:
+    """A prompt as diffusers' WanPipeline feeds it to its text encoder (`prompt_clean`): mojibake fixed (ftfy), HTML
+    entities unescaped twice, runs of whitespace made one space, ends stripped."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def encoder_class(config, path: Path):
+    """The transformers class for the encoder in `path`: T5 / UMT5 / MT5 by the config's model_type (the weights of one
+    do not fit another: T5 loaded as UMT5 keeps per-layer position biases random), refused when `architectures`
+    names another family; any other model type through AutoModel."""
+    import transformers
+
+    family = T5_ENCODERS.get(config.model_type)
+    if family is None:
+        return transformers.AutoModel
+    prefix = family.removesuffix("EncoderModel")
+    named = [a for a in (config.architectures or []) if not a.startswith(prefix + "EncoderModel")
+             and not a.startswith(prefix + "ForConditionalGeneration") and not a.startswith(prefix + "Model")]
+    if named:
+        raise ValueError(f"text encoder {path}: config.json says model_type={config.model_type!r} but architectures "
+                         f"{named}; a {family} cannot load those weights (fix the config or the folder)")
+    return getattr(transformers, family)
+
+
+class HFTextEncoder(nn.Module):
+    """A transformers encoder (BERT-like or T5/UMT5 encoder) + tokenizer loaded from a local folder.
+
+    `clean_prompts` (on for the T5 family, as Wan's pipelines do; off for the packaged MiniLM, whose models were
+    trained on raw captions) runs every prompt through `clean_prompt` first."""
+
+    def __init__(self, tokenizer, model: nn.Module, max_length: int, clean_prompts: bool | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
+        self.clean_prompts = model.config.model_type in T5_ENCODERS if clean_prompts is None else clean_prompts
         self.dim = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 32, tokenizer_path: str | Path | None = None,
                         torch_dtype: torch.dtype = torch.float32) -> HFTextEncoder:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder folder not found: {path}")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if config.model_type in ("t5", "umt5", "mt5"):
-            from transformers import UMT5EncoderModel
-
-            model = UMT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
-        else:
-            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        model = encoder_class(config, path).from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
         return cls(tokenizer, model, max_length)
 
@@ -68,6 +100,8 @@ class HFTextEncoder(nn.Module):
     def forward(self, prompts: list[str] | str) -> TextEmbeddings:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if self.clean_prompts:
+            prompts = [clean_prompt(p) for p in prompts]
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
             add_special_tokens=True, return_attention_mask=True, return_tensors="pt",

@@ -1,0 +1,92 @@
+"""Objectives for causal (long-video) models, one method each, mixed into the Trainer (`train.objective`).
+
+    flow               (Trainer.loss_flow) one noise level per clip; a causal model attends block-causally over
+                       its chunks, exactly as it will when sampling
+    teacher_forcing    one sequence [context copy of every chunk | noisy copy of every chunk]: noisy chunk c
+                       attends the context copies of the chunks it sees and itself (vdiff.models.causal); both copies
+                       of a chunk share RoPE positions; the loss is on the noisy half. Context copies are the clean
+                       latents, noised to `train.context_noise` (as the sampler's history is)
+    diffusion_forcing  every chunk gets its own noise level; chunks attend each other block-causally; loss on all
+
+Every random draw comes from the sample's own generator (train.data.sample_generator), as for `flow`, so runs stay
+exact under resume and any process count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from train.data import sample_generator
+from vdiff.diffusion.flow import add_noise, flow_loss, sample_sigmas, timesteps_of
+
+
+class CausalObjectives:
+    """Trainer methods for the causal objectives (needs the Trainer's model, recipe, device and helpers)."""
+
+    def _chunks_of(self, x0: torch.Tensor) -> tuple[int, int]:
+        """(chunks, latent frames per chunk) of latents x0 (B, C, F, H, W)."""
+        causal = self.model_config.causal
+        f = causal.chunk_frames
+        if x0.shape[2] % f:
+            raise ValueError(f"train: {x0.shape[2]} latent frames do not divide into chunks of "
+                             f"model.causal.chunk_frames={f}")
+        return x0.shape[2] // f, f
+
+    def _draws(self, batch: dict[str, Any], step: int, x0: torch.Tensor, levels: int):
+        """Per sample: noise like x0, `levels` noise levels, caption kept, context noise like x0."""
+        r = self.recipe.train
+        noise, sigmas, keep, ctx_eps = [], [], [], []
+        for index in batch["index"]:
+            g = sample_generator(r.seed, step, int(index))
+            noise.append(torch.randn(x0.shape[1:], generator=g))
+            sigmas.append(sample_sigmas(levels, self.recipe.flow, generator=g))
+            keep.append(torch.rand(1, generator=g) >= r.cfg_dropout)
+            ctx_eps.append(torch.randn(x0.shape[1:], generator=g))
+        dev = self.device
+        return (torch.stack(noise).to(dev), torch.stack(sigmas).to(dev), torch.cat(keep).to(dev),
+                torch.stack(ctx_eps).to(dev))
+
+    def _tokens_per_latent_frame(self, x0: torch.Tensor) -> int:
+        t, h, w = self.accelerator.unwrap_model(self.model).token_grid(x0.shape[2:])
+        return h * w * t // x0.shape[2]
+
+    def loss_teacher_forcing(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """Predict v of the noisy copy of every chunk, each attending the context copies of earlier chunks."""
+        with torch.no_grad():
+            x0, text = self.clean_inputs(batch)  # (B, C, F, H, W), (B, S, dim)
+            n, f = self._chunks_of(x0)
+            noise, s, keep, ctx_eps = self._draws(batch, step, x0, 1)
+            s = s[:, 0]  # (B,) one level for the noisy copy
+            text = torch.where(keep[:, None, None], text, self.empty_text.to(text.dtype))
+            c = self.recipe.train.context_noise
+            x_ctx = add_noise(x0, ctx_eps, torch.full_like(s, c))  # context copies at the sampler's level
+            x_in = torch.cat([x_ctx, add_noise(x0, noise, s)], dim=2)  # (B, C, 2F, H, W)
+            per_frame = self._tokens_per_latent_frame(x0)
+            t_ctx = timesteps_of(torch.full_like(s, c))[:, None].expand(-1, x0.shape[2] * per_frame)
+            t_noisy = timesteps_of(s)[:, None].expand(-1, x0.shape[2] * per_frame)
+            t_tokens = torch.cat([t_ctx, t_noisy], dim=1)  # (B, L) per-token timesteps
+            chunks = [(j, True) for j in range(n)] + [(j, False) for j in range(n)]
+        v = self.model_forward_tokens(x_in, t_tokens, text, chunks)[:, :, x0.shape[2]:]  # the noisy half
+        return flow_loss(v, x0, noise)
+
+    def loss_diffusion_forcing(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """Every chunk at its own noise level, all attending block-causally; loss on every chunk."""
+        with torch.no_grad():
+            x0, text = self.clean_inputs(batch)
+            n, f = self._chunks_of(x0)
+            noise, s, keep, _ = self._draws(batch, step, x0, n)  # s (B, n): a level per chunk
+            text = torch.where(keep[:, None, None], text, self.empty_text.to(text.dtype))
+            s_frames = s.repeat_interleave(f, dim=1)  # (B, F)
+            x_s = (1 - s_frames)[:, None, :, None, None] * x0 + s_frames[:, None, :, None, None] * noise
+            per_frame = self._tokens_per_latent_frame(x0)
+            t_tokens = timesteps_of(s_frames).repeat_interleave(per_frame, dim=1)  # (B, L)
+        v = self.model_forward_tokens(x_s, t_tokens, text, None)
+        return flow_loss(v, x0, noise)
+
+    def model_forward_tokens(self, x: torch.Tensor, t_tokens: torch.Tensor, text: torch.Tensor,
+                             chunks: list[tuple[int, bool]] | None) -> torch.Tensor:
+        """The trained model at per-token timesteps (B, L), with an explicit chunk layout (None: chunks 0..n-1)."""
+        kwargs = {"mask_cache": self.mask_cache, "chunks": chunks}
+        return self.model(x, t_tokens, text, return_dict=False, attention_kwargs=kwargs)[0]

@@ -1,0 +1,83 @@
+"""Long ShapesWorld clips: the object wraps around the frame (`boundary="wrap"`), so "moving right" stays true
+for any number of frames, and it may change direction at segment boundaries (one caption per segment).
+
+The rules are the short clips' (vdiff.data.shapes) with two changes:
+- Motion is a fixed number of pixels per frame, `speed * extent / (REFERENCE_FRAMES - 1)` along the motion axis
+  (the speed of a default 16-frame clip), whatever the length.
+- Along the motion axis the position is taken modulo the frame: an object leaving one edge re-enters at the opposite
+  one, drawn on both edges while it crosses. Across the motion axis it stays fully inside, as in short clips.
+Deterministic by seed: the same arguments give the same bytes.
+
+    frames = render_long_clip("red", "circle", ["right"] * 4 + ["up"] * 4, segment_frames=2, seed=0)  # [16, H, W, 3]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from vdiff.data.shapes import (
+    COLOURS,
+    DEFAULT_SIZE,
+    DEFAULT_SPEED,
+    DIRECTION_VECTORS,
+    MIN_SIDE_PX,
+    _check_combination,
+    _check_float,
+    _check_int,
+    caption,
+    shape_coverage,
+)
+
+REFERENCE_FRAMES = 16  # a wrap clip moves as fast per frame as a default 16-frame clip
+
+
+def render_long_clip(colour: str, shape: str, directions: Sequence[str], *, segment_frames: int, height: int = 16,
+                     width: int = 16, seed: int = 0, size: float | None = None, speed: float | None = None,
+                     position_jitter: float | None = None) -> np.ndarray:
+    """A wrap-around clip of len(directions) segments of `segment_frames` frames each, segment k moving
+    directions[k] -> np.uint8 [len(directions) * segment_frames, H, W, 3]."""
+    if not directions:
+        raise ValueError("directions must name at least one segment's direction")
+    for d in directions:
+        _check_combination(colour, shape, d)
+    _check_int("segment_frames", segment_frames, 1, 4096)
+    _check_int("height", height, 8, 4096)
+    _check_int("width", width, 8, 4096)
+    _check_int("seed", seed, 0, 2**63 - 1)
+    size = DEFAULT_SIZE if size is None else size
+    speed = DEFAULT_SPEED if speed is None else speed
+    jitter = 1.0 if position_jitter is None else position_jitter
+    _check_float("size", size, 0.1, 0.5)
+    _check_float("speed", speed, 0.0, 0.9)
+    _check_float("position_jitter", jitter, 0.0, 1.0)
+    side = size * min(height, width)
+    if side < MIN_SIDE_PX:
+        raise ValueError(f"size={size} gives a {side:.1f}-pixel object in a {height}x{width} frame; shapes need at "
+                         f"least {MIN_SIDE_PX} pixels")
+    rng = np.random.default_rng([seed, 0x10C6])
+    half = side / 2
+    # Start anywhere along the motion axes (they wrap), inside across them; jitter narrows around the centre.
+    cx = width / 2 + (rng.uniform(-1, 1) * jitter) * (width / 2 - half)
+    cy = height / 2 + (rng.uniform(-1, 1) * jitter) * (height / 2 - half)
+    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    frames = np.empty((len(directions) * segment_frames, height, width, 3), dtype=np.uint8)
+    t = 0
+    for direction in directions:
+        dx, dy = DIRECTION_VECTORS[direction]
+        step = speed * (width if dx else height) / (REFERENCE_FRAMES - 1)
+        for _ in range(segment_frames):
+            cov = np.zeros((height, width), dtype=np.float32)
+            for ox in (-width, 0, width):  # copies across a wrapped edge (after a turn too)
+                for oy in (-height, 0, height):
+                    cov = np.maximum(cov, shape_coverage(shape, cx % width + ox, cy % height + oy, side, height,
+                                                         width))
+            frames[t] = np.clip(np.rint(rgb * cov[..., None]), 0, 255).astype(np.uint8)
+            cx, cy, t = cx + dx * step, cy + dy * step, t + 1
+    return frames
+
+
+def segment_captions(colour: str, shape: str, directions: Sequence[str]) -> list[str]:
+    """One caption per segment: "a {colour} {shape} moving {direction}"."""
+    return [caption(colour, shape, d) for d in directions]

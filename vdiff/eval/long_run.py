@@ -1,0 +1,99 @@
+"""The eval job for causal (long-video) checkpoints: `./launch.sh eval --checkpoint DIR num_chunks=16`.
+
+Clips use the short eval's prompts (`eval_prompts`: balanced over the 72 combinations, 1 in 12 held out), generated
+`batch_size` at a time with `VideoPipeline.stream` for `num_chunks` chunks (batch b: seed + b), and read per chunk
+by vdiff.eval.long_eval: per-chunk colour / shape / direction / all-correct (the drift curve), first-4 and last-4
+all-correct, the seam ratio. A second set of clips switches the prompt half-way (same colour and shape, a turned
+direction: left -> up -> right -> down -> left) and reports the share whose motion follows the new prompt within
+one chunk, colour and shape kept.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from vdiff.data.shapes import caption, parse_caption
+from vdiff.eval.long_eval import score_long_clip, summarize_long
+from vdiff.eval.run import EvalConfig, _pct, eval_prompts
+
+TURN = {"left": "up", "up": "right", "right": "down", "down": "left"}
+
+
+def _generate(pipe: Any, prompts: list[str], cfg: EvalConfig, num_chunks: int, switch_at: int | None,
+              bar: Any) -> tuple[list[np.ndarray], list[list[str]], float]:
+    """Clips (T, H, W, 3) and the prompt in force per chunk; seconds per chunk (wall, batched)."""
+    clips, in_force, t0, chunks_done = [], [], time.perf_counter(), 0
+    for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
+        batch = prompts[start:start + cfg.batch_size]
+        switched = None
+        if switch_at is not None:  # one switch per clip: the same object, a turned direction
+            switched = [caption(c, s, TURN[d]) for c, s, d in map(parse_caption, batch)]
+        videos = []
+        # per-clip prompt switches are one batch each only when the batch shares the switch target; run clip by clip
+        groups = [([p], [q]) for p, q in zip(batch, switched)] if switched else [(batch, None)]
+        for prompts_g, switch_g in groups:
+            kw = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance}
+            prompts_arg = {switch_at: switch_g[0]} if switch_g else None
+            chunks = list(pipe.stream(prompts_g if len(prompts_g) > 1 else prompts_g[0], num_chunks=num_chunks,
+                                      seed=cfg.seed + b, prompts=prompts_arg, **kw))
+            videos += list(np.concatenate([c.videos for c in chunks], axis=1))
+            chunks_done += num_chunks * len(prompts_g)
+        for i, p in enumerate(batch):
+            q = switched[i] if switched else p
+            in_force.append([p if switch_at is None or c < switch_at else q for c in range(num_chunks)])
+        clips += videos
+        bar.update(len(batch))
+    return clips, in_force, (time.perf_counter() - t0) / max(1, chunks_done)
+
+
+def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    num_chunks = cfg.num_chunks or 16
+    per = pipe.transformer.causal_config.chunk_frames * pipe.vae.stride[0]
+    prompts = eval_prompts(cfg.num_clips, cfg.seed)
+    switch_prompts = prompts[: max(1, cfg.num_clips // 4)]
+    bar = tqdm(total=len(prompts) + len(switch_prompts), desc="eval (long)", unit="clip", disable=not progress)
+    clips, in_force, s_chunk = _generate(pipe, prompts, cfg, num_chunks, None, bar)
+    scores = [score_long_clip(c, f, per) for c, f in zip(clips, in_force)]
+    at = num_chunks // 2
+    s_clips, s_force, _ = _generate(pipe, switch_prompts, cfg, num_chunks, at, bar)
+    s_scores = [score_long_clip(c, f, per, switch_at=at) for c, f in zip(s_clips, s_force)]
+    bar.close()
+    pc = pipe.config
+    return {
+        "kind": "long",
+        "settings": {"num_clips": cfg.num_clips, "num_chunks": num_chunks, "frames_per_chunk": per,
+                     "batch_size": cfg.batch_size, "seed": cfg.seed,
+                     "steps": cfg.steps or pc.num_inference_steps,
+                     "guidance": cfg.guidance if cfg.guidance is not None else pc.guidance_scale,
+                     "causal": asdict(pipe.transformer.causal_config), "caches": pipe.caches,
+                     "switch_clips": len(switch_prompts), "switch_at": at},
+        "config": asdict(cfg),
+        "results": summarize_long(scores),
+        "switch": summarize_long(s_scores),
+        "seconds_per_chunk": s_chunk,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "device": str(pipe.device)},
+    }
+
+
+def format_long_report(report: dict[str, Any]) -> str:
+    s, r, sw = report["settings"], report["results"], report["switch"]
+    lines = [f"{s['num_clips']} clips x {s['num_chunks']} chunks ({s['frames_per_chunk']} frames each), "
+             f"{s['steps']} steps, guidance {s['guidance']}, window {s['causal']['window_chunks']}, seed {s['seed']}",
+             "  chunk     colour      shape  direction  all correct"]
+    for i, p in enumerate(r["per_chunk"]):
+        lines.append(f"  {i:5d} {_pct(p['colour']):>10} {_pct(p['shape']):>10} {_pct(p['direction']):>10} "
+                     f"{_pct(p['all_correct']):>12}")
+    lines += [f"all-correct {_pct(r['all_correct'])} (first 4 chunks {_pct(r['first4_all_correct'])}, last 4 "
+              f"{_pct(r['last4_all_correct'])}); seam ratio {r['seam_ratio']:.3f}",
+              f"prompt switch at chunk {s['switch_at']} ({s['switch_clips']} clips): followed within one chunk "
+              f"{_pct(sw.get('switch_followed'))}",
+              f"{report['seconds_per_chunk']:.3f} s per chunk ({report['machine']['device']})"]
+    return "\n".join(lines)
