@@ -198,6 +198,21 @@ def _check_float(name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
 
 
+def checked_geometry(height: int, width: int, seed: int, size: float | None, speed: float | None,
+                     position_jitter: float | None) -> tuple[float, float, float]:
+    """Check a clip's frame size and seed, and return (size, speed, position_jitter) with defaults filled in."""
+    _check_int("height", height, 8, 4096)
+    _check_int("width", width, 8, 4096)
+    _check_int("seed", seed, 0, 2**63 - 1)
+    size = DEFAULT_SIZE if size is None else size
+    speed = DEFAULT_SPEED if speed is None else speed
+    position_jitter = 1.0 if position_jitter is None else position_jitter
+    _check_float("size", size, 0.1, 0.5)
+    _check_float("position_jitter", position_jitter, 0.0, 1.0)
+    _check_float("speed", speed, 0.0, 0.9)
+    return size, speed, position_jitter
+
+
 def render_clip(
     colour: str,
     shape: str,
@@ -223,16 +238,8 @@ def render_clip(
     """
     _check_combination(colour, shape, direction)
     _check_int("num_frames", num_frames, 2, 4096)
-    _check_int("height", height, 8, 4096)
-    _check_int("width", width, 8, 4096)
-    _check_int("seed", seed, 0, 2**63 - 1)
     _check_int("distractors", distractors, 0, 8)
-    size = DEFAULT_SIZE if size is None else size
-    speed = DEFAULT_SPEED if speed is None else speed
-    position_jitter = 1.0 if position_jitter is None else position_jitter
-    _check_float("size", size, 0.1, 0.5)
-    _check_float("position_jitter", position_jitter, 0.0, 1.0)
-    _check_float("speed", speed, 0.0, 0.9)
+    size, speed, position_jitter = checked_geometry(height, width, seed, size, speed, position_jitter)
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
 

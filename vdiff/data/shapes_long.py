@@ -19,14 +19,12 @@ import numpy as np
 
 from vdiff.data.shapes import (
     COLOURS,
-    DEFAULT_SIZE,
-    DEFAULT_SPEED,
     DIRECTION_VECTORS,
     MIN_SIDE_PX,
     _check_combination,
-    _check_float,
     _check_int,
     caption,
+    checked_geometry,
     shape_coverage,
 )
 
@@ -43,15 +41,7 @@ def render_long_clip(colour: str, shape: str, directions: Sequence[str], *, segm
     for d in directions:
         _check_combination(colour, shape, d)
     _check_int("segment_frames", segment_frames, 1, 4096)
-    _check_int("height", height, 8, 4096)
-    _check_int("width", width, 8, 4096)
-    _check_int("seed", seed, 0, 2**63 - 1)
-    size = DEFAULT_SIZE if size is None else size
-    speed = DEFAULT_SPEED if speed is None else speed
-    jitter = 1.0 if position_jitter is None else position_jitter
-    _check_float("size", size, 0.1, 0.5)
-    _check_float("speed", speed, 0.0, 0.9)
-    _check_float("position_jitter", jitter, 0.0, 1.0)
+    size, speed, jitter = checked_geometry(height, width, seed, size, speed, position_jitter)
     side = size * min(height, width)
     if side < MIN_SIDE_PX:
         raise ValueError(f"size={size} gives a {side:.1f}-pixel object in a {height}x{width} frame; shapes need at "
