@@ -94,3 +94,25 @@ def test_two_nodes_on_loopback(tmp_path):
     ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "debug").glob("rank*.json"))]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     assert not set(ranks[0]["indices"]) & set(ranks[1]["indices"])
+
+
+CAUSAL = ["model.causal={chunk_frames: 2, sink_chunks: 1, window_chunks: 1}", "train.objective=teacher_forcing",
+          "train.context_noise=0.1", "train.ema_decay=0.0"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_causal_teacher_forcing_two_processes_match_one(tmp_path):
+    """A causal model trained with teacher forcing: 2 data-parallel processes and 2 sequence-parallel ranks (Ulysses
+    over the [context | noisy] sequence) give the 1-process loss curve and weights."""
+    ref_dir, _ = run(tmp_path, "one", ["--nproc", "1", f"train.batch_size={GLOBAL_BATCH}", *CAUSAL])
+    dp_dir, _ = run(tmp_path, "dp", ["--nproc", "2", f"train.batch_size={GLOBAL_BATCH // 2}", *CAUSAL])
+    sp_dir, sp_ranks = run(tmp_path, "sp", ["--nproc", "2", "train.sequence_parallel=2",
+                                            f"train.batch_size={GLOBAL_BATCH}", *CAUSAL])
+    want = losses(ref_dir)
+    assert len(want) == 4 and len(set(want)) == 4
+    for out_dir in (dp_dir, sp_dir):
+        assert losses(out_dir) == pytest.approx(want, rel=1e-4, abs=1e-5), out_dir.name
+        w_ref, w = exported(ref_dir), exported(out_dir)
+        assert max((w_ref[k] - w[k]).abs().max().item() for k in w_ref) < 1e-4, out_dir.name
+    assert sp_ranks[0]["indices"] == sp_ranks[1]["indices"]  # both ranks of the group read the same samples
