@@ -19,8 +19,10 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from bench.cache import psnr
 from bench.common import machine_info, print_table, write_result
 
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "stream-time-per-chunk.png"
@@ -35,18 +37,20 @@ def _pipe(window: int | None, cache: list[str], height: int, seed: int = 0):
     return VideoPipeline.from_model_config(cfg, config=config, seed=seed)
 
 
-def _per_chunk(pipe, chunks: int, steps: int, repeats: int) -> list[dict]:
-    """Per chunk: the median over `repeats` streams of its wall seconds, and its KV bytes / keys attended."""
+def _per_chunk(pipe, chunks: int, steps: int, repeats: int, cache=None) -> list[dict]:
+    """Per chunk: the median over `repeats` streams of its wall seconds, its KV bytes / keys attended, its frames."""
     runs = []
     for _ in range(repeats):
         rows, t_prev = [], time.perf_counter()
-        for chunk in pipe.stream("a red circle moving right", num_chunks=chunks, seed=0, num_inference_steps=steps):
+        for chunk in pipe.stream("a red circle moving right", num_chunks=chunks, seed=0, num_inference_steps=steps,
+                                 cache=cache):
             now = time.perf_counter()
             rows.append({"seconds": now - t_prev, "kv_bytes": chunk.stats["kv_bytes"],
-                         "keys": chunk.stats["tokens_attended"]})
+                         "keys": chunk.stats["tokens_attended"], "frames": chunk.frames})
             t_prev = now
         runs.append(rows)
     return [dict(runs[0][i], seconds=statistics.median(r[i]["seconds"] for r in runs)) for i in range(chunks)]
+
 
 
 def _bidirectional(total_frames: int, steps: int, height: int) -> float:
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     window = _per_chunk(_pipe(2, ["text_kv", "causal_kv"], args.size), args.chunks, args.steps, r)
     global_ = _per_chunk(_pipe(None, ["text_kv", "causal_kv"], args.size), args.chunks, args.steps, r)
     uncached = _per_chunk(_pipe(2, ["text_kv"], args.size), min(args.uncached, args.chunks), args.steps, 1)
+    from vdiff.cache import CausalKVCacheConfig
+
+    external = {mode: _per_chunk(_pipe(2, ["text_kv", "causal_kv"], args.size), args.chunks, args.steps, r,
+                                 cache=["text_kv", CausalKVCacheConfig(external=mode)]) for mode in ("split", "reuse")}
     bidir_s = _bidirectional(2 * args.chunks, args.steps, args.size)
     rows = []
     for i in range(args.chunks):
@@ -105,11 +113,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "chunk": i + 1, "window_s": window[i]["seconds"], "window_kv_bytes": window[i]["kv_bytes"],
             "window_keys": window[i]["keys"], "global_s": global_[i]["seconds"],
             "global_kv_bytes": global_[i]["kv_bytes"],
+            "external_split_s": external["split"][i]["seconds"], "external_reuse_s": external["reuse"][i]["seconds"],
             "global_keys": global_[i]["keys"], "uncached_s": uncached[i]["seconds"] if i < len(uncached) else None,
         })
     shown = [r for r in rows if r["chunk"] in {1, 2, 4, 8, 16, 32, 64, args.chunks}]
     print_table(shown, ["chunk", "window_s", "window_keys", "window_kv_bytes", "global_s", "global_keys",
-                        "global_kv_bytes", "uncached_s"],
+                        "global_kv_bytes", "uncached_s", "external_reuse_s"],
                 title=f"stream: tiny causal model, {args.size} x {args.size}, 2 frames per chunk, {args.steps} steps")
     last = args.chunks - 1
     summary = {
@@ -119,10 +128,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "bidirectional_total_s": bidir_s, "window_total_s": sum(r["seconds"] for r in window),
         "global_total_s": sum(r["seconds"] for r in global_), "goal_window_ratio": 1.15,
     }
+    for mode, runs in external.items():  # block-external attention on the finite window: speed and error
+        summary[f"external_{mode}_total_s"] = sum(x["seconds"] for x in runs)
+        summary[f"external_{mode}_psnr_db"] = psnr(np.concatenate([x["frames"] for x in runs]),
+                                                    np.concatenate([x["frames"] for x in window]))
+        summary[f"external_{mode}_speedup"] = summary["window_total_s"] / summary[f"external_{mode}_total_s"]
     print(f"window: chunk {args.chunks} / chunk 8 = {summary['window_ratio_last_over_8']:.3f} (goal <= 1.15), KV bytes "
           f"flat: {summary['window_kv_bytes_flat']}; global: {summary['global_ratio_last_over_8']:.3f}; "
           f"total {summary['window_total_s']:.2f} s (window) vs {bidir_s:.2f} s for one bidirectional pass over "
           f"{2 * args.chunks} frames", flush=True)
+    for mode in external:
+        print(f"block_external={mode}: {summary[f'external_{mode}_speedup']:.2f}x the window's time, frames at "
+              f"{summary[f'external_{mode}_psnr_db']:.1f} dB PSNR vs causal_kv alone", flush=True)
     if not args.no_plot:
         _plot({"window (sink 1 + 2)": [r["seconds"] for r in window], "global": [r["seconds"] for r in global_],
                "no KV cache": [r["seconds"] for r in uncached]}, PLOT)

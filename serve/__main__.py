@@ -1,4 +1,4 @@
-"""Serve a text-to-video checkpoint: a web page and the `/generate` API.
+"""Serve a text-to-video checkpoint: a web page, the `/generate` endpoint and the `/v1/videos` job API.
 
     python -m serve --checkpoint checkpoints/shapes-tiny            # http://127.0.0.1:7860
     python -m serve --demo                                          # the bundled tiny model (see --help)
@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="./launch.sh serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Login: set VDIFF_AUTH=user:password to require a login (page and API; gradio_client takes "
-               "auth=(user, password)). Without it the server is open to whoever can reach --host.",
+               "auth=(user, password); the /v1 API takes HTTP basic or a bearer token). Without it the server "
+               "is open to whoever can reach --host, so an address other than loopback needs --no-auth.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a VideoPipeline folder (VideoPipeline.save_pretrained)")
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           f"pipeline with RANDOM (untrained) weights made once under {DEMO_FALLBACK.relative_to(ROOT)}")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve without a login on an address other machines reach (refused without this flag "
+                        "when VDIFF_AUTH is not set)")
     p.add_argument("--devices", default=None,
                    help="comma-separated devices, one pipeline and one concurrent generation each "
                         "(default: every GPU, else cpu)")
@@ -69,6 +73,18 @@ def demo_checkpoint() -> tuple[Path, str | None]:
     return DEMO_FALLBACK, banner
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def open_server_refusal(host: str, auth: tuple[str, str] | None, no_auth: bool) -> str | None:
+    """Why serving on `host` is refused (an address others reach, no login, no explicit --no-auth), or None."""
+    if auth is not None or no_auth or host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"refusing to serve on --host {host} without a login: anyone who reaches this address could use the "
+            "page and the /v1 API. Set VDIFF_AUTH=user:password, or pass --no-auth to serve an open server on "
+            "purpose.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         auth = parse_auth(os.environ.get("VDIFF_AUTH"))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    refusal = open_server_refusal(args.host, auth, args.no_auth)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     banner = None
     if args.demo:

@@ -1,4 +1,5 @@
-"""The web app: a Gradio Blocks page and the `/generate` API endpoint, over a `WorkerPool`.
+"""The web app: a Gradio Blocks page and the `/generate` API endpoint, over a `WorkerPool` (`serve()` adds the
+`/v1/videos` job API of serve.api on the same app and pool).
 
     pool = WorkerPool.from_pretrained("checkpoints/shapes-tiny")
     app = build_app(pool, limits_for(pool.pipelines[0]))
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
+from serve.api import add_api
+from serve.jobs import JobStore
 from serve.validation import DEFAULT_MAX_STEPS, RANDOM_SEED, Limits, RequestError, limits_for, validate_request
 from serve.worker import GenerationFailed, Job, OutOfMemory, OutputStore, ServerBusy, StepHook, WorkerPool
 from vdiff.diffusion.sampling import Cancelled
@@ -244,10 +247,10 @@ def launch_kwargs(pool: WorkerPool) -> dict[str, Any]:
 
 
 class RunningServer:
-    """A launched app and its pool; `close()` stops both and deletes the output area."""
+    """A launched app, its pool and the job API's jobs; `close()` stops both and deletes the output area."""
 
-    def __init__(self, app: gr.Blocks, pool: WorkerPool, url: str):
-        self.app, self.pool, self.url = app, pool, url
+    def __init__(self, app: gr.Blocks, pool: WorkerPool, url: str, jobs: JobStore | None = None):
+        self.app, self.pool, self.url, self.jobs = app, pool, url, jobs
 
     def close(self) -> None:
         self.app.close()
@@ -278,10 +281,12 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 7860, 
         app.queue(**QUEUE_KWARGS)
         _, url, _ = app.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True,
                                quiet=quiet, **launch_kwargs(pool))
+        jobs = JobStore(pool, model=Path(checkpoint).name)
+        add_api(app.app, jobs, limits, auth=auth)  # /v1: same process, same pool, same checks as the page
     except BaseException:
         pool.close()
         raise
-    server = RunningServer(app, pool, url)
+    server = RunningServer(app, pool, url, jobs)
     if not block:
         return server
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,13 @@ DEFAULT_MAX_TOKENS = {"cuda": 80_000, "cpu": 4096}  # 720p x 81 frames is 75,600
 
 
 class RequestError(ValueError):
-    """A request value is missing, of the wrong type or out of range; the message names the parameter."""
+    """A request value is missing, of the wrong type or out of range; the message names the parameter, and `param`
+    holds that name (given, or the message's first word: every message here starts with it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        match = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+        self.param = param or (match.group(0) if match else None)
 
 
 def _cache_names() -> tuple[str, ...]:

@@ -13,6 +13,7 @@ Nothing here is global: a pool is an object the app holds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import shutil
@@ -91,6 +92,13 @@ class OutputStore:
             self._files.append(path)
             while len(self._files) > self.max_files:
                 self._files.popleft().unlink(missing_ok=True)
+
+    def remove(self, path: Path) -> None:
+        """Delete one file now (a job's outputs, when its client deletes the job)."""
+        with self._lock:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(ValueError):
+                self._files.remove(path)
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_file())

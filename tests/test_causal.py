@@ -193,3 +193,19 @@ def test_tokens_per_chunk_stay_flat():
     attended = [c.stats["tokens_attended"] for c in pipe.stream(PROMPT, seed=0, num_chunks=7)]
     n = math.prod(pipe.transformer.token_grid((2, 4, 4)))
     assert attended == [n, 2 * n, 3 * n, 4 * n, 4 * n, 4 * n, 4 * n]
+
+
+def test_block_external_split_is_exact_and_reuse_is_close():
+    """external="split" (stored keys and own keys attended apart, merged by log-sum-exp) == plain causal_kv; "reuse"
+    (the stored-keys part kept from each chunk's first step) differs, but little (it is an approximation)."""
+    pipe = _pipe(window=2, sink=1)
+    plain = _latents(pipe, num_chunks=4)
+    split = _latents(pipe, num_chunks=4, cache=["text_kv", CausalKVCacheConfig(external="split")])
+    reuse = _latents(pipe, num_chunks=4, cache=["text_kv", CausalKVCacheConfig(external="reuse")])
+    for c in range(4):
+        torch.testing.assert_close(split[c], plain[c], atol=1e-5, rtol=0)
+    assert (reuse[2] - plain[2]).abs().max() > 1e-6  # really reused: later steps saw the first step's part
+    scale = max(float(x.abs().max()) for x in plain)
+    assert max(float((x - y).abs().max()) for x, y in zip(reuse, plain)) < 0.5 * scale
+    with pytest.raises(ValueError, match="external must be one of"):
+        CausalKVCacheConfig(external="sometimes")

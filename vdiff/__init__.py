@@ -1,6 +1,7 @@
 """vdiff: text-to-video diffusion transformers with swappable sparse attention.
 
     from vdiff import VideoDiT, VideoPipeline
+    from vdiff import ParallelConfig   # one video on several processes (vdiff.parallel.inference)
 """
 
 from typing import Any
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 # Heavy imports (diffusers, transformers) happen on first use, so `import vdiff` stays cheap.
 _LAZY = {
     "GenerationLimits": "vdiff.limits",
+    "ParallelConfig": "vdiff.parallel.config",
     "VideoDiT": "vdiff.models.dit",
     "VideoPipeline": "vdiff.pipeline",
 }
@@ -23,4 +25,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vdiff' has no attribute {name!r}")
 
 
-__all__ = ["GenerationLimits", "VideoDiT", "VideoPipeline", "__version__"]
+__all__ = ["GenerationLimits", "ParallelConfig", "VideoDiT", "VideoPipeline", "__version__"]

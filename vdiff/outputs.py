@@ -23,6 +23,7 @@ class PipelineStats:
     cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # per cache: hits / misses (step: computed/skipped)
     tokens: int = 0  # transformer tokens per video
     grid: tuple[int, int, int] = (0, 0, 0)
+    parallel: dict[str, Any] = field(default_factory=dict)  # several processes: degrees, this rank, notes
 
     @property
     def step_mean_s(self) -> float:
@@ -35,6 +36,7 @@ class PipelineStats:
             "attention_density": self.attention.density, "attention_calls": self.attention.calls,
             "attention_backends": dict(self.attention.by_backend),
             "attention_impls": dict(self.attention.by_impl), "cache": self.cache,
+            **({"parallel": self.parallel} if self.parallel else {}),
         }
 
 

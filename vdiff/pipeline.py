@@ -25,6 +25,7 @@ Calls are thread-safe: each builds its own scheduler and its own cache state (vd
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import threading
 import time
@@ -46,6 +47,7 @@ from vdiff.models.dit import VideoDiT
 from vdiff.models.text import HFTextEncoder, minilm_text_encoder
 from vdiff.models.vae import PixelPatchVAE, WanVAE, load_vae
 from vdiff.outputs import PipelineStats, VideoOutput
+from vdiff.parallel.inference import ParallelConfig, ParallelRuntime, parallel_device
 from vdiff.pipeline_io import (
     PipelineConfig,
     atomic_folder,
@@ -75,6 +77,7 @@ class VideoPipeline(LoraPipelineMixin):
         vae: PixelPatchVAE | WanVAE,
         scheduler: Any = None,  # a diffusers flow scheduler (template; every call builds a fresh one); default UniPC
         config: PipelineConfig | None = None,
+        parallel: ParallelConfig | None = None,  # several processes per video (vdiff.parallel.inference)
     ):
         self.transformer = transformer.eval().requires_grad_(False)
         self.text_encoder = text_encoder
@@ -93,6 +96,7 @@ class VideoPipeline(LoraPipelineMixin):
         self._lock = threading.Lock()
         self._installed: dict[str, CacheConfig] = {}  # hooks on the model now
         self._defaults: list[str] = []  # caches used when a call passes cache=None
+        self.parallel = ParallelRuntime(parallel, self.transformer) if parallel is not None else None
         for name in self.config.cache:
             self.enable_cache(name)
 
@@ -122,9 +126,10 @@ class VideoPipeline(LoraPipelineMixin):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None,
-                        torch_dtype: torch.dtype | None = None, **config_overrides: Any) -> VideoPipeline:
+                        torch_dtype: torch.dtype | None = None, parallel: ParallelConfig | None = None,
+                        **config_overrides: Any) -> VideoPipeline:
         """Load a pipeline folder (vdiff layout or a Wan2.1 diffusers folder). `config_overrides` change
-        PipelineConfig fields (e.g. `text_max_length=64`)."""
+        PipelineConfig fields (e.g. `text_max_length=64`). `parallel`: see vdiff.parallel.inference (torchrun)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"pipeline folder not found: {path}")
@@ -135,6 +140,9 @@ class VideoPipeline(LoraPipelineMixin):
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(f"{path}: no transformer/ folder")
         scheduler = load_scheduler(path / "scheduler")  # before the weights: a folder without one fails at once
+        if parallel is not None:
+            parallel.check_model(VideoDiT.load_config(path / "transformer"))  # bad degrees fail before the weights
+            device = parallel_device() if device is None else device
         transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=dtype)
         if config.text_encoder == "minilm":
             text_encoder = minilm_text_encoder(config.text_max_length)
@@ -143,7 +151,7 @@ class VideoPipeline(LoraPipelineMixin):
                 path / config.text_encoder, config.text_max_length,
                 tokenizer_path=path / config.tokenizer if config.tokenizer else None)
         vae = load_vae(path / "vae")
-        pipe = cls(transformer, text_encoder, vae, scheduler, config)
+        pipe = cls(transformer, text_encoder, vae, scheduler, config, parallel)
         if config.lora:
             pipe.load_lora_weights(path / config.lora, scale=config.lora_scale)
         if device is not None:
@@ -209,7 +217,8 @@ class VideoPipeline(LoraPipelineMixin):
         kv = a.cache_configs.get("causal_kv") or self._installed.get("causal_kv")
         commit = kv.commit if "causal_kv" in a.caches and kv is not None else None
         return stream_chunks(self, a, num_chunks=num_chunks, switches=switches, context_noise=self.config.context_noise,
-                             commit=commit, attention_stats=AttentionStats(), callback=callback, progress=progress)
+                             commit=commit, attention_stats=AttentionStats(), callback=callback, progress=progress,
+                             external=kv.external if commit is not None else "off")
 
     # ---------------------------------------------------------------------------------------------------------------
     # Caches
@@ -371,9 +380,11 @@ class VideoPipeline(LoraPipelineMixin):
                                      "choosing another per call is not supported yet")
             return collect(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                            guidance_scale, seed, cache, callback, progress)
-        a = self._resolve(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, seed,
-                          attention, cache, callback, sampler, shift)
-        stats = PipelineStats()
+        resolve = functools.partial(self._resolve, prompt, negative_prompt, num_frames, height, width,
+                                    num_inference_steps, guidance_scale, seed, attention, cache, callback, sampler,
+                                    shift)
+        a = resolve() if self.parallel is None else self.parallel.agree(resolve, seed_given=seed is not None)
+        stats = PipelineStats() if self.parallel is None else self.parallel.stats(a.guidance)
         latent_fhw = self.vae.latent_shape(a.num_frames, a.height, a.width)  # (F', H', W')
         stats.grid = self.transformer.token_grid(latent_fhw)
         stats.tokens = int(np.prod(stats.grid))
@@ -381,7 +392,9 @@ class VideoPipeline(LoraPipelineMixin):
         n = len(a.prompts)
         with cache_context(a.caches, a.cache_configs) as call:
             t0 = time.perf_counter()
-            text = self.text_encoder.encode(a.prompts + a.negatives if use_cfg else a.prompts)  # one batch
+            batch = a.prompts + a.negatives if use_cfg else a.prompts  # one batch (encoded once under parallel)
+            text = (self.text_encoder.encode(batch) if self.parallel is None
+                    else self.parallel.encode_text(self.text_encoder, batch))
             cond = text.embeds[:n]  # (B, S, text_dim)
             uncond = text.embeds[n:] if use_cfg else None
             stats.text_s = time.perf_counter() - t0
@@ -395,7 +408,8 @@ class VideoPipeline(LoraPipelineMixin):
             try:
                 result = denoise(self.transformer, noise, cond, uncond, a.scheduler, a.steps, a.guidance,
                                  attention_kwargs=attention_kwargs, callback=callback,
-                                 progress=bar.update if bar is not None else None)
+                                 progress=bar.update if bar is not None else None,
+                                 cfg_parallel=self.parallel.cfg if self.parallel is not None else None)
             finally:
                 if bar is not None:
                     bar.close()

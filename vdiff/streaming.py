@@ -32,6 +32,7 @@ import torch
 
 from vdiff.cache import CacheCall, CausalKVState, cache_context
 from vdiff.diffusion.sampling import Cancelled
+from vdiff.pipeline_io import to_uint8
 
 
 @dataclass
@@ -73,7 +74,7 @@ def check_stream_args(num_chunks: Any, prompts: Any) -> dict[int, str]:
 
 def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[int, str], context_noise: float,
                   commit: str | None, attention_stats: Any, callback: Callable | None = None,
-                  progress: bool = False) -> Iterator[VideoChunk]:
+                  progress: bool = False, external: str = "off") -> Iterator[VideoChunk]:
     """The chunk loop (see the module docstring). `a`: VideoPipeline's resolved call arguments; `commit`: the
     causal_kv cache's commit mode, or None to run the reference (no KV cache)."""
     model = pipe.transformer
@@ -82,7 +83,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
     f, hl, wl = pipe.vae.latent_shape(pipe.chunk_pixel_frames, a.height, a.width)  # one chunk's latent frames
     n = len(a.prompts)
     use_cfg = a.guidance > 1.0
-    state = CausalKVState() if commit is not None else None
+    state = CausalKVState(external=external) if commit is not None else None
     history: list[tuple[int, torch.Tensor]] = []  # (chunk, x_ctx): the reference's whole history / the re-cache set
     t_ctx = torch.tensor(1000.0 * context_noise, device=device)
     prompts = list(a.prompts)
@@ -161,7 +162,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                 held = set(state.chunks())
                 history = [(j, h) for j, h in history if j in held]
             t_decode = time.perf_counter()
-            videos = _to_uint8(pipe.vae.decode(x))  # (B, t, H, W, 3)
+            videos = to_uint8(pipe.vae.decode(x))  # (B, t, H, W, 3)
         stats = {"seconds": time.perf_counter() - t0, "decode_s": time.perf_counter() - t_decode, "steps": a.steps,
                  "tokens_attended": state.attended_tokens if state is not None else None,
                  "kv_bytes": state.bytes if state is not None else 0, "context_chunks": len(history)}
@@ -170,12 +171,6 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
     if bar is not None:
         bar.close()
     call.data.clear()
-
-
-def _to_uint8(video: torch.Tensor) -> np.ndarray:
-    from vdiff.pipeline_io import to_uint8
-
-    return to_uint8(video)
 
 
 def collect(pipe: Any, prompt: Any, negative_prompt: Any, num_frames: Any, height: Any, width: Any, steps: Any,

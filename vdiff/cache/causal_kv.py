@@ -15,6 +15,12 @@ the sampler sets it for the commit forward ("clean": the denoised chunk at t = c
 convention) or for the chunk's last denoising step ("last_step": cheaper, approximate). Without the hook, the
 sampler recomputes the whole history every step (`vdiff.models.causal.causal_attention`): the reference this cache
 equals.
+
+`external` (FlashBlock's block-external attention): the current chunk's attention is split into the part over the
+stored keys ("external") and the part over its own keys, each with its log-sum-exp, merged exactly. "split" does
+that at every step (equal to plain attention: tested); "reuse" computes the external part at the chunk's first
+denoising step and reuses it (output and log-sum-exp) at its later steps, so those steps attend only within the
+chunk: approximate (the queries move between steps), reported with its error against plain causal_kv.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from vdiff.models.layers import apply_rope
 
 HOOK_NAME = "vdiff.causal_kv"
 COMMITS = ("clean", "last_step")
+EXTERNAL = ("off", "split", "reuse")
 
 
 @dataclass
@@ -42,10 +49,13 @@ class CausalKVCacheConfig:
     name: ClassVar[str] = "causal_kv"
     target: ClassVar[str] = "transformer"
     commit: str = "clean"
+    external: str = "off"  # block-external attention: off | split (exact) | reuse (approximate)
 
     def __post_init__(self) -> None:
         if self.commit not in COMMITS:
             raise ValueError(f"CausalKVCacheConfig.commit must be one of {list(COMMITS)}, got {self.commit!r}")
+        if self.external not in EXTERNAL:
+            raise ValueError(f"CausalKVCacheConfig.external must be one of {list(EXTERNAL)}, got {self.external!r}")
 
 
 class _LayerBuffer:
@@ -96,7 +106,9 @@ class CausalKVState:
     """The KV buffers of one generation (one stream), layer by layer. `store`: the next forward writes its chunk."""
 
     store: bool = False
+    external: str = "off"  # see CausalKVCacheConfig.external
     layers: dict[int, _LayerBuffer] = field(default_factory=dict)
+    reused: dict[int, tuple] = field(default_factory=dict)  # layer -> (chunk, external output, its log-sum-exp)
     attended_tokens: int = 0  # keys attended by the last forward's queries, per layer (for stats)
 
     @property
@@ -125,8 +137,7 @@ class _CausalKVHook(ModelHook):
                                                          layout.config.window_chunks)
         held = sorted((chunk, slot) for slot, chunk in buf.held() if chunk < c and layout.sees(c, chunk))
         chunks = [chunk for chunk, _ in held] + [c]
-        positions = layout.frame_positions(c, chunks)
-        cos, sin = layout.tables(torch.cat(positions), q.device)
+        cos, sin = layout.tables(c, chunks, q.device)
         n = layout.chunk_tokens
         absolute = layout.config.rope == "absolute"
         k_now = apply_rope(k, cos[-n:], sin[-n:])
@@ -137,12 +148,40 @@ class _CausalKVHook(ModelHook):
             parts_v.append(buf.v[:, slot * n:(slot + 1) * n])
         keys = torch.cat([*parts_k, k_now], dim=1)  # (B, (held + 1) * n, N, Dh)
         values = torch.cat([*parts_v, v], dim=1)
-        sub = dataclasses.replace(ctx, grid=(layout.frames, *layout.hw), causal=None, kv_cache=None)
-        o = dispatch(apply_rope(q, cos[-n:], sin[-n:]), keys, values, sub)
+        q_now = apply_rope(q, cos[-n:], sin[-n:])
+        if state.external != "off" and parts_k:
+            o = _split_attention(q_now, keys, values, n, state, ctx.layer, c, ctx.step)
+        else:
+            sub = dataclasses.replace(ctx, grid=(layout.frames, *layout.hw), causal=None, kv_cache=None)
+            o = dispatch(q_now, keys, values, sub)
         state.attended_tokens = keys.shape[1]
         if state.store:
             buf.write(c, k_now if absolute else k, v)
         return module.out(o, q)
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention [B, n, N, Dh] over (k, v) and each query's log-sum-exp [B, N, n] (fp32 or wider)."""
+    from vdiff.attention.gather import _attention_lse
+
+    out, lse = _attention_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2), lse
+
+
+def _split_attention(q, keys, values, n, state: CausalKVState, layer: int, chunk: int, step: int | None):
+    """The chunk's attention as [stored keys] + [own keys], merged by log-sum-exp; "reuse" keeps the stored-keys
+    part from the chunk's first denoising step (step 0) for its later steps (commit forwards compute it afresh)."""
+    memo = state.reused.get(layer)
+    if state.external == "reuse" and step is not None and step > 0 and memo is not None and memo[0] == chunk:
+        o_ext, l_ext = memo[1], memo[2]
+    else:
+        o_ext, l_ext = _attend_lse(q, keys[:, :-n], values[:, :-n])
+        if step == 0:
+            state.reused[layer] = (chunk, o_ext, l_ext)
+    o_own, l_own = _attend_lse(q, keys[:, -n:], values[:, -n:])
+    lse = torch.logaddexp(l_ext, l_own)  # [B, N, n]
+    w_ext, w_own = ((part - lse).exp().transpose(1, 2)[..., None] for part in (l_ext, l_own))  # [B, n, N, 1]
+    return (o_ext.float() * w_ext + o_own.float() * w_own).to(q.dtype)
 
 
 def apply_causal_kv_cache(model: nn.Module, config: CausalKVCacheConfig | None = None) -> None:

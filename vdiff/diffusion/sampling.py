@@ -88,6 +88,7 @@ def denoise(
     attention_kwargs: dict[str, Any] | None = None,
     callback: Callable[[int, int, torch.Tensor], Any] | None = None,
     progress: Callable[[], None] | None = None,
+    cfg_parallel: Any = None,
 ) -> DenoiseResult:
     """Run the flow-matching ODE from noise to data with `scheduler`.
 
@@ -95,20 +96,29 @@ def denoise(
     of 2B: v = v_uncond + g * (v_cond - v_uncond). `attention_kwargs` are passed to the model with `step` and
     `timestep` filled in per step. `callback(step_index, num_steps, latents)` runs after each step; returning False
     raises `Cancelled`. The model runs in its own dtype; the scheduler state stays float32.
+
+    `cfg_parallel` (vdiff.parallel.inference.CfgExchange): this rank runs one branch of B and gathers the other's v
+    (one all_gather per step); every rank then combines and steps the same values, so all ranks stay identical.
     """
     dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else latents.dtype
     cfg = uncond is not None and guidance_scale > 1.0
-    context = torch.cat([cond, uncond]) if cfg else cond  # (2B or B, S, text_dim), built once for all steps
+    split = cfg and cfg_parallel is not None  # CFG parallel: one branch here, the other on the paired rank
+    if split:
+        context = cfg_parallel.branch(cond, uncond)  # (B, S, text_dim)
+    else:
+        context = torch.cat([cond, uncond]) if cfg else cond  # (2B or B, S, text_dim), built once for all steps
     context = context.to(latents.device, dtype)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     latents = latents.float()
     result = DenoiseResult(latents)
     for i, t in enumerate(scheduler.timesteps):
         t0 = time.perf_counter()
-        x_in = torch.cat([latents, latents]) if cfg else latents  # (2B or B, C, F, H, W)
+        x_in = torch.cat([latents, latents]) if cfg and not split else latents  # (2B or B, C, F, H, W)
         t_in = t.expand(x_in.shape[0]).to(latents.device)
         kwargs = dict(attention_kwargs or {}, step=i, timestep=t_in)
         v = model(x_in.to(dtype), t_in, context, return_dict=False, attention_kwargs=kwargs)[0].float()
+        if split:
+            v = cfg_parallel.gather(v)  # (2B, C, F, H, W) = [v_cond; v_uncond] on both ranks
         if cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)

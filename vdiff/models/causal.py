@@ -25,7 +25,7 @@ device); the causal_kv cache hook computes the same thing from stored keys.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,8 @@ class CausalLayout:
     hw: tuple[int, int]  # token grid (H, W)
     entries: tuple[Entry, ...]
     rope: RotaryPosEmbed3D
+    # RoPE tables per (query chunk, attended chunks, device), built once per forward and shared by every layer
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def chunk_tokens(self) -> int:
@@ -75,10 +77,15 @@ class CausalLayout:
             return [j * self.frames + local for j in chunks]
         return [slot * self.frames + local for slot in range(len(chunks))]
 
-    def tables(self, frames: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin [frames * H * W, 1, D/2] for tokens of consecutive chunk frames at positions `frames`."""
-        cos, sin = self.rope((frames.numel(), *self.hw), frames=frames)
-        return cos.to(device), sin.to(device)
+    def tables(self, c: int, chunks: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin [len(chunks) * chunk tokens, 1, D/2] of the tokens of `chunks` (ascending, c last) at the
+        positions chunk c sees them at; the same for every layer of a forward, so built once per forward."""
+        key = (c, tuple(chunks), str(device))
+        if key not in self._tables:
+            frames = torch.cat(self.frame_positions(c, chunks))
+            cos, sin = self.rope((frames.numel(), *self.hw), frames=frames)
+            self._tables[key] = (cos.to(device), sin.to(device))
+        return self._tables[key]
 
     def check_length(self) -> None:
         """Absolute RoPE runs out at rope_max_seq_len frames: say so before a forward would read past the table."""
@@ -106,8 +113,7 @@ def layout_for(config: CausalConfig, grid: tuple[int, int, int], patch_t: int, r
     entries = tuple((int(j), bool(ctx)) for j, ctx in entries)
     if len(entries) != n:
         raise ValueError(f"causal model: {len(entries)} chunk entries for {n} chunks of input")
-    seen = [e for e in entries]
-    if len(set(seen)) != len(seen):
+    if len(set(entries)) != len(entries):
         raise ValueError(f"causal model: repeated chunk entries {entries}")
     layout = CausalLayout(config, frames, (h, w), entries, rope)
     layout.check_length()
@@ -127,8 +133,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Att
     for qi, (c, _) in enumerate(layout.entries):
         keys = layout.key_entries(qi)
         chunks = [layout.entries[i][0] for i in keys]
-        positions = layout.frame_positions(c, chunks)
-        cos, sin = layout.tables(torch.cat(positions), q.device)  # (len(keys) * n, 1, Dh/2)
+        cos, sin = layout.tables(c, chunks, q.device)  # (len(keys) * n, 1, Dh/2)
         k_sel = torch.cat([k[:, i * n:(i + 1) * n] for i in keys], dim=1)  # (B, len(keys) * n, N, Dh)
         v_sel = torch.cat([v[:, i * n:(i + 1) * n] for i in keys], dim=1)
         q_i = apply_rope(q[:, qi * n:(qi + 1) * n], cos[-n:], sin[-n:])  # the query chunk sits last

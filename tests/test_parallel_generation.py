@@ -1,0 +1,238 @@
+"""One video on several processes (vdiff.parallel.inference): CFG parallel and Ulysses under real gloo processes equal
+one process; the text encoder runs once; a request that differs between ranks raises on every rank; bad degrees fail
+before any weight loads; mesh layouts of 8, 16 and 72 ranks under torch's fake process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+SMALL = dict(num_frames=4, height=16, width=16, num_inference_steps=3)  # grid (4, 2, 2) = 16 tokens
+ODD = dict(num_frames=3, height=24, width=24, num_inference_steps=3)  # grid (3, 3, 3) = 27 tokens: not divisible by 2
+SPARSE = dict(num_frames=4, height=32, width=32, num_inference_steps=2)  # grid (4, 4, 4) = 64 tokens
+
+
+def _save_tiny(folder: Path) -> Path:
+    from vdiff.config import model_preset
+    from vdiff.pipeline import PipelineConfig, VideoPipeline
+
+    cfg = PipelineConfig(num_frames=4, height=16, width=16, num_inference_steps=3, text_max_length=16)
+    model = model_preset("tiny", num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
+    return VideoPipeline.from_model_config(model, config=cfg, seed=0).save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In one process: configuration errors and mesh layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_degrees_name_the_valid_values():
+    from vdiff import ParallelConfig
+
+    with pytest.raises(ValueError, match=r"ulysses=8 does not divide the model's 12 attention heads; valid ulysses "
+                                         r"degrees: 1, 2, 3, 4, 6, 12; for 8 ranks use cfg=2 ulysses=4"):
+        ParallelConfig(ulysses=8).check(12, world_size=8)
+    with pytest.raises(ValueError, match=r"cfg=2 x ulysses=2 = 4 ranks, but 2 processes are running"):
+        ParallelConfig(cfg=2, ulysses=2).check(12, world_size=2)
+    with pytest.raises(ValueError, match=r"parallel.cfg must be 1 or 2"):
+        ParallelConfig(cfg=3)
+    with pytest.raises(ValueError, match=r"parallel.vae=2: .*not implemented.*valid values: 1"):
+        ParallelConfig(vae=2)
+    with pytest.raises(ValueError, match=r"text_encoder must be one of \['rank0', 'replicate'\]"):
+        ParallelConfig(text_encoder="rank1")
+    with pytest.raises(ValueError, match=r"parallel.ulysses must be an int >= 1"):
+        ParallelConfig(ulysses=0)
+
+
+def test_bad_degrees_fail_before_the_weights_load(tmp_path, monkeypatch):
+    from vdiff import ParallelConfig
+    from vdiff.pipeline import VideoPipeline
+
+    folder = _save_tiny(tmp_path / "p")
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.unlink()  # loading the weights would fail: the errors below must come first
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"ulysses=3 does not divide the model's 2 attention heads; valid ulysses "
+                                         r"degrees: 1, 2"):
+        VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(ulysses=3))
+    with pytest.raises(ValueError, match=r"cfg=2 x ulysses=1 = 2 ranks, but 1 processes are running"):
+        VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2))
+
+
+@pytest.mark.parametrize("world, cfg, ulysses", [(8, 2, 4), (8, 1, 2), (16, 2, 8), (16, 2, 2), (72, 2, 4),
+                                                 (72, 1, 8)])
+def test_mesh_layout_axis_order_and_membership(world, cfg, ulysses):
+    from vdiff.parallel.config import ParallelConfig
+    from vdiff.parallel.mesh import MeshLayout
+
+    lay = MeshLayout.of(ParallelConfig(cfg=cfg, ulysses=ulysses), world)
+    assert lay.shape == (world // (cfg * ulysses), cfg, ulysses)
+    for axis, size in zip(("replica", "cfg", "ulysses"), lay.shape):
+        groups = lay.groups(axis)
+        assert sorted(r for g in groups for r in g) == list(range(world))  # a partition of the ranks
+        assert all(len(g) == size for g in groups)
+    assert all(g == list(range(g[0], g[0] + ulysses)) for g in lay.groups("ulysses"))  # Ulysses ranks consecutive
+    assert all(b - a == ulysses for g in lay.groups("cfg") for a, b in zip(g, g[1:]))  # CFG pair outside them
+    for rank in range(world):
+        c = lay.coords(rank)
+        assert lay.rank(**c) == rank
+        assert rank in lay.group_of("cfg", rank) and rank in lay.group_of("ulysses", rank)
+
+
+def test_mesh_groups_under_the_fake_process_group_match_device_mesh():
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vdiff.parallel.config import ParallelConfig
+    from vdiff.parallel.mesh import AXES, MeshLayout, ParallelMesh
+
+    for world, cfg, ulysses in ((8, 2, 4), (16, 2, 2), (72, 2, 4)):
+        config = ParallelConfig(cfg=cfg, ulysses=ulysses)
+        lay = MeshLayout.of(config, world)
+        for rank in sorted({0, 1, ulysses, world // 2 + 1, world - 1}):
+            dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank, world_size=world)
+            try:
+                mesh = ParallelMesh(config, replicas=lay.replica)
+                reference = init_device_mesh("cpu", lay.shape, mesh_dim_names=AXES)  # torch's own layout
+                for axis in AXES:
+                    ranks = dist.get_process_group_ranks(mesh.groups[axis])
+                    assert ranks == mesh.ranks[axis] == lay.group_of(axis, rank), (world, rank, axis)
+                    assert sorted(dist.get_process_group_ranks(reference.get_group(axis))) == ranks, (world, axis)
+                start = rank // config.size * config.size  # one video: the cfg x ulysses block of this replica
+                assert mesh.video_ranks == list(range(start, start + config.size))
+                with pytest.raises(ValueError, match=rf"but {world} processes are running"):
+                    ParallelMesh(ParallelConfig(cfg=cfg, ulysses=ulysses), replicas=lay.replica + 1)
+            finally:
+                dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real processes (gloo): equal to one process
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _run(folder: Path, out: Path, nproc: int, mode: str) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__,
+         str(folder), str(out), mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path):
+    ranks = _run(_save_tiny(tmp_path / "p"), tmp_path, 2, "two")
+    for r, res in enumerate(ranks):
+        for key in ("cfg2", "cfg2/g1", "ulysses2/dense", "ulysses2/odd", "ulysses2/radial", "ulysses2/sliding_tile",
+                    "ulysses2/vmoba", "text/replicate"):
+            d = res[key]
+            assert d["latent_scale"] > 0.1, (r, key, d)
+            assert d["latent_err"] <= TOL and d["frame_err"] <= 1, (r, key, d)  # uint8 frames: rounding of equal floats
+        assert res["cfg2/g1"]["notes"] and "cfg parallel had no effect" in res["cfg2/g1"]["notes"][0]
+        assert res["cfg2"]["notes"] == []
+        assert res["text/embeds_err"] == 0.0
+        assert res["ulysses2/odd_split"] == [27, 28]
+        assert "seed: rank 0 = 0, rank 1 = 1" in res["mismatch/seed"]
+        assert "prompt: rank 0" in res["mismatch/prompt"]
+        assert "height" in res["mismatch/rejected"]
+        assert res["random_seed"] == ranks[0]["random_seed"]
+    assert ranks[0]["frames_digest"] == ranks[1]["frames_digest"]  # every rank returns the same frames
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_cfg2_x_ulysses2_on_four_ranks_equals_one_process(tmp_path):
+    ranks = _run(_save_tiny(tmp_path / "p"), tmp_path, 4, "four")
+    for r, res in enumerate(ranks):
+        for key in ("cfg2xulysses2", "cfg2xulysses2/odd"):
+            assert res[key]["latent_err"] <= TOL and res[key]["frame_err"] <= 1, (r, key, res[key])
+    assert len({res["frames_digest"] for res in ranks}) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The worker (run by torchrun)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _worker(folder: str, out: str, mode: str) -> None:
+    import hashlib
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from vdiff import ParallelConfig
+    from vdiff.config import AttentionConfig, SlidingTileConfig
+    from vdiff.pipeline import VideoPipeline
+
+    dist.init_process_group("gloo")  # also tests reuse of an existing group; from_pretrained inits one when absent
+    rank = dist.get_rank()
+    plain = VideoPipeline.from_pretrained(folder)
+
+    def generate(pipe, **kw):
+        seen = {}
+        out = pipe("a red circle moving right", seed=kw.pop("seed", 0), guidance_scale=kw.pop("guidance_scale", 4.0),
+                   callback=lambda i, n, lat: seen.__setitem__("latents", lat.clone()), **kw)
+        return out, seen["latents"]
+
+    def compare(pipe, **kw):
+        ref, ref_lat = generate(plain, **kw)
+        got, lat = generate(pipe, **kw)
+        return {"latent_err": (lat - ref_lat).abs().max().item(), "latent_scale": ref_lat.abs().max().item(),
+                "frame_err": int(np.abs(got.videos.astype(int) - ref.videos.astype(int)).max()),
+                "notes": got.stats.parallel["notes"]}
+
+    res: dict = {}
+    if mode == "two":
+        cfg2 = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2))
+        res["cfg2"] = compare(cfg2, **SMALL)
+        res["cfg2/g1"] = compare(cfg2, guidance_scale=1.0, **SMALL)
+        video, _ = generate(cfg2, **SMALL)
+        res["frames_digest"] = hashlib.sha256(video.videos.tobytes()).hexdigest()
+        res["random_seed"] = cfg2("a red circle", **SMALL).seed  # seed=None: rank 0's draw on every rank
+
+        sp = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(ulysses=2))
+        res["ulysses2/dense"] = compare(sp, **SMALL)
+        res["ulysses2/odd"] = compare(sp, **ODD)
+        res["ulysses2/odd_split"] = [sp.parallel.sequence.length, sp.parallel.sequence.padded]  # hooks ran, padded
+        sparse = {"radial": AttentionConfig(backend="radial", impl="reference"),
+                  "sliding_tile": AttentionConfig(backend="sliding_tile", impl="reference",
+                                                  sliding_tile=SlidingTileConfig(tile=(2, 2, 2), window=(1, 1, 1))),
+                  "vmoba": AttentionConfig(backend="vmoba", impl="reference")}
+        for name, attn in sparse.items():
+            res[f"ulysses2/{name}"] = compare(sp, attention=attn, **SPARSE)
+
+        rep = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, text_encoder="replicate"))
+        res["text/replicate"] = compare(rep, **SMALL)
+        batch = ["a red circle", "a blue square", ""]
+        res["text/embeds_err"] = (cfg2.parallel.encode_text(cfg2.text_encoder, batch).embeds
+                                  - rep.parallel.encode_text(rep.text_encoder, batch).embeds).abs().max().item()
+
+        for key, kw in (("seed", dict(seed=rank)), ("prompt", dict(prompt=f"prompt {rank}")),
+                        ("rejected", dict(height=16 if rank == 0 else 17))):
+            try:
+                cfg2(**{"prompt": "same", "seed": 0, **SMALL, **kw})
+                res[f"mismatch/{key}"] = "no error"
+            except (ValueError, RuntimeError) as err:
+                res[f"mismatch/{key}"] = str(err)
+    else:
+        both = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, ulysses=2))
+        res["cfg2xulysses2"] = compare(both, **SMALL)
+        res["cfg2xulysses2/odd"] = compare(both, **ODD)
+        video, _ = generate(both, **SMALL)
+        res["frames_digest"] = hashlib.sha256(video.videos.tobytes()).hexdigest()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res, default=float))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])

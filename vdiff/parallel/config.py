@@ -1,0 +1,92 @@
+"""ParallelConfig: how one video is split over several processes at inference, and every check that can be made
+before a weight is read (degrees against the model's heads and against the number of processes).
+
+    ParallelConfig(cfg=2, ulysses=4)   # 8 ranks: conditional / unconditional branch x 4-way sequence parallel
+
+cfg       1 or 2: the two classifier-free-guidance branches on two ranks (one exchange of v per step)
+ulysses   Ulysses sequence parallel degree; must divide the model's attention heads
+vae       1 (a decode split over the latent height is not implemented yet; refused with the reason)
+text_encoder  "rank0" (rank 0 encodes, the embeddings are broadcast) or "replicate" (every rank encodes)
+
+The device mesh is (replica, cfg, ulysses) in row-major order (vdiff.parallel.mesh): Ulysses ranks consecutive (one
+node, the most traffic), the CFG axis outside them, replicas outermost.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+TEXT_ENCODER_MODES = ("rank0", "replicate")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def process_count() -> int:
+    """Processes of this job: the initialised group's size, else torchrun's WORLD_SIZE, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    cfg: int = 1
+    ulysses: int = 1
+    vae: int = 1
+    text_encoder: str = "rank0"
+
+    def __post_init__(self) -> None:
+        for name in ("cfg", "ulysses", "vae"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{name} must be an int >= 1, got {value!r}")
+        if self.cfg not in (1, 2):
+            raise ValueError(f"parallel.cfg must be 1 or 2 (the conditional and the unconditional branch), "
+                             f"got {self.cfg}")
+        if self.vae != 1:
+            raise ValueError(f"parallel.vae={self.vae}: a decode split over the latent height is not implemented "
+                             "yet; valid values: 1 (every rank decodes the whole video)")
+        if self.text_encoder not in TEXT_ENCODER_MODES:
+            raise ValueError(f"parallel.text_encoder must be one of {list(TEXT_ENCODER_MODES)}, "
+                             f"got {self.text_encoder!r}")
+
+    @property
+    def size(self) -> int:
+        """Ranks one video runs on: cfg x ulysses."""
+        return self.cfg * self.ulysses
+
+    def check(self, num_heads: int, world_size: int | None = None, replicas: int = 1) -> None:
+        """Raise ValueError naming the valid values if this split cannot run a model with `num_heads` heads on
+        `world_size` processes (default: this job's) holding `replicas` copies of the group."""
+        if num_heads % self.ulysses:
+            valid = ", ".join(str(d) for d in divisors(num_heads))
+            raise ValueError(f"parallel.ulysses={self.ulysses} does not divide the model's {num_heads} attention "
+                             f"heads; valid ulysses degrees: {valid}{suggest_split(self.size, num_heads)}")
+        world = process_count() if world_size is None else world_size
+        if replicas * self.size != world:
+            what = f"{replicas} replicas x " if replicas != 1 else ""
+            raise ValueError(f"parallel: {what}cfg={self.cfg} x ulysses={self.ulysses} = {replicas * self.size} "
+                             f"ranks, but {world} processes are running; start {replicas * self.size} processes "
+                             f"(torchrun --nproc-per-node {replicas * self.size}) or change the degrees so their "
+                             f"product is {world}")
+
+    def check_model(self, model_config: dict[str, Any], world_size: int | None = None) -> None:
+        """`check` against a transformer's config.json (read before its weights), refusing causal models."""
+        if self.size > 1 and model_config.get("causal"):
+            raise ValueError("parallel: a causal (chunk-by-chunk) model does not run under cfg / ulysses parallel "
+                             "yet; use ParallelConfig() (one process)")
+        self.check(int(model_config["num_attention_heads"]), world_size)
+
+
+def suggest_split(ranks: int, num_heads: int) -> str:
+    """'; for 8 ranks use cfg=2 ulysses=4' when such a split of `ranks` exists, else ''."""
+    for cfg in (2, 1):
+        if ranks % cfg == 0 and num_heads % (ranks // cfg) == 0:
+            return f"; for {ranks} ranks use cfg={cfg} ulysses={ranks // cfg}"
+    return ""
