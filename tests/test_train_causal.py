@@ -30,13 +30,13 @@ def test_objective_is_causal_in_the_chunks(tmp_path, objective):
     batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2, collate_fn=_collate)))
     preds = {}
 
-    def capture(x, t_tokens, text, chunks):
+    def capture(x, t_tokens, text, chunks=None):
         v = trainer.model(x, t_tokens, text, return_dict=False, attention_kwargs={"chunks": chunks,
                                                                                   "mask_cache": trainer.mask_cache})[0]
         preds["v"] = v.detach()
         return v
 
-    trainer.model_forward_tokens = capture
+    trainer.model_forward = capture
     x0, text = trainer.clean_inputs(batch)
     f = trainer.model_config.causal.chunk_frames
     loss = trainer.compute_loss(batch, 0)

@@ -8,8 +8,8 @@
                        latents, noised to `train.context_noise` (as the sampler's history is)
     diffusion_forcing  every chunk gets its own noise level; chunks attend each other block-causally; loss on all
 
-Every random draw comes from the sample's own generator (train.data.sample_generator), as for `flow`, so runs stay
-exact under resume and any process count.
+Every random draw comes from the sample's own generator (`Trainer.sample_draws`), as for `flow`, so runs stay exact
+under resume and any process count.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from train.data import sample_generator
-from vdiff.diffusion.flow import add_noise, flow_loss, sample_sigmas, timesteps_of
+from vdiff.diffusion.flow import add_noise, flow_loss, timesteps_of
 
 
 class CausalObjectives:
@@ -34,20 +33,6 @@ class CausalObjectives:
                              f"model.causal.chunk_frames={f}")
         return x0.shape[2] // f, f
 
-    def _draws(self, batch: dict[str, Any], step: int, x0: torch.Tensor, levels: int):
-        """Per sample: noise like x0, `levels` noise levels, caption kept, context noise like x0."""
-        r = self.recipe.train
-        noise, sigmas, keep, ctx_eps = [], [], [], []
-        for index in batch["index"]:
-            g = sample_generator(r.seed, step, int(index))
-            noise.append(torch.randn(x0.shape[1:], generator=g))
-            sigmas.append(sample_sigmas(levels, self.recipe.flow, generator=g))
-            keep.append(torch.rand(1, generator=g) >= r.cfg_dropout)
-            ctx_eps.append(torch.randn(x0.shape[1:], generator=g))
-        dev = self.device
-        return (torch.stack(noise).to(dev), torch.stack(sigmas).to(dev), torch.cat(keep).to(dev),
-                torch.stack(ctx_eps).to(dev))
-
     def _tokens_per_latent_frame(self, x0: torch.Tensor) -> int:
         t, h, w = self.accelerator.unwrap_model(self.model).token_grid(x0.shape[2:])
         return h * w * t // x0.shape[2]
@@ -57,9 +42,8 @@ class CausalObjectives:
         with torch.no_grad():
             x0, text = self.clean_inputs(batch)  # (B, C, F, H, W), (B, S, dim)
             n, f = self._chunks_of(x0)
-            noise, s, keep, ctx_eps = self._draws(batch, step, x0, 1)
+            noise, s, text, ctx_eps = self.sample_draws(batch, step, x0, text, context=True)
             s = s[:, 0]  # (B,) one level for the noisy copy
-            text = torch.where(keep[:, None, None], text, self.empty_text.to(text.dtype))
             c = self.recipe.train.context_noise
             x_ctx = add_noise(x0, ctx_eps, torch.full_like(s, c))  # context copies at the sampler's level
             x_in = torch.cat([x_ctx, add_noise(x0, noise, s)], dim=2)  # (B, C, 2F, H, W)
@@ -68,7 +52,7 @@ class CausalObjectives:
             t_noisy = timesteps_of(s)[:, None].expand(-1, x0.shape[2] * per_frame)
             t_tokens = torch.cat([t_ctx, t_noisy], dim=1)  # (B, L) per-token timesteps
             chunks = [(j, True) for j in range(n)] + [(j, False) for j in range(n)]
-        v = self.model_forward_tokens(x_in, t_tokens, text, chunks)[:, :, x0.shape[2]:]  # the noisy half
+        v = self.model_forward(x_in, t_tokens, text, chunks)[:, :, x0.shape[2]:]  # the noisy half
         return flow_loss(v, x0, noise)
 
     def loss_diffusion_forcing(self, batch: dict[str, Any], step: int) -> torch.Tensor:
@@ -76,17 +60,10 @@ class CausalObjectives:
         with torch.no_grad():
             x0, text = self.clean_inputs(batch)
             n, f = self._chunks_of(x0)
-            noise, s, keep, _ = self._draws(batch, step, x0, n)  # s (B, n): a level per chunk
-            text = torch.where(keep[:, None, None], text, self.empty_text.to(text.dtype))
+            noise, s, text, _ = self.sample_draws(batch, step, x0, text, levels=n)  # s (B, n): a level per chunk
             s_frames = s.repeat_interleave(f, dim=1)  # (B, F)
             x_s = (1 - s_frames)[:, None, :, None, None] * x0 + s_frames[:, None, :, None, None] * noise
             per_frame = self._tokens_per_latent_frame(x0)
             t_tokens = timesteps_of(s_frames).repeat_interleave(per_frame, dim=1)  # (B, L)
-        v = self.model_forward_tokens(x_s, t_tokens, text, None)
+        v = self.model_forward(x_s, t_tokens, text)
         return flow_loss(v, x0, noise)
-
-    def model_forward_tokens(self, x: torch.Tensor, t_tokens: torch.Tensor, text: torch.Tensor,
-                             chunks: list[tuple[int, bool]] | None) -> torch.Tensor:
-        """The trained model at per-token timesteps (B, L), with an explicit chunk layout (None: chunks 0..n-1)."""
-        kwargs = {"mask_cache": self.mask_cache, "chunks": chunks}
-        return self.model(x, t_tokens, text, return_dict=False, attention_kwargs=kwargs)[0]

@@ -129,11 +129,34 @@ class Trainer(CausalObjectives):
             return batch["latents"].to(self.device), batch["text"].to(self.device)
         return self.vae.encode(batch["video"].to(self.device)).float(), self.encode_text(batch["caption"])
 
-    def model_forward(self, x: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The one call of the trained model: velocity at noise levels `sigmas` (B,). (Sequence parallelism, when
-        on, is a hook installed on the model in __init__.)"""
-        kwargs = {"mask_cache": self.mask_cache}
-        return self.model(x, timesteps_of(sigmas), text, return_dict=False, attention_kwargs=kwargs)[0]
+    def model_forward(self, x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                      chunks: list[tuple[int, bool]] | None = None) -> torch.Tensor:
+        """The one call of the trained model: velocity at `timesteps` (B,) or per token (B, L), in [0, 1000];
+        `chunks`: a causal model's chunk layout (None: chunks 0..n-1). (Sequence parallelism, when on, is a hook
+        installed on the model in __init__.)"""
+        kwargs = {"mask_cache": self.mask_cache, "chunks": chunks}
+        return self.model(x, timesteps, text, return_dict=False, attention_kwargs=kwargs)[0]
+
+    @torch.no_grad()
+    def sample_draws(self, batch: dict[str, Any], step: int, x0: torch.Tensor, text: torch.Tensor, levels: int = 1,
+                     context: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every sample's random draws, from its own generator (train.data.sample_generator), in this order: noise
+        like x0, `levels` noise levels, whether its caption is kept (else the empty caption, for CFG), and with
+        `context` a second noise for context copies. Returns (noise (B, C, F, H, W), sigmas (B, levels), text with
+        dropped captions, context noise or None)."""
+        r = self.recipe.train
+        noise, sigmas, keep, ctx_eps = [], [], [], []
+        for index in batch["index"]:
+            g = sample_generator(r.seed, step, int(index))
+            noise.append(torch.randn(x0.shape[1:], generator=g))
+            sigmas.append(sample_sigmas(levels, self.recipe.flow, generator=g))
+            keep.append(torch.rand(1, generator=g) >= r.cfg_dropout)
+            if context:
+                ctx_eps.append(torch.randn(x0.shape[1:], generator=g))
+        keep = torch.cat(keep).to(self.device)  # (B,)
+        text = torch.where(keep[:, None, None], text, self.empty_text.to(text.dtype))  # (B, S, dim)
+        return (torch.stack(noise).to(self.device), torch.stack(sigmas).to(self.device), text,
+                torch.stack(ctx_eps).to(self.device) if context else None)
 
     def compute_loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """The loss of `train.objective`: one method per objective (loss_flow here, the causal ones in
@@ -143,21 +166,12 @@ class Trainer(CausalObjectives):
     def loss_flow(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Flow matching (vdiff.diffusion.flow): predict v = noise - x0 at x_s = (1 - s) x0 + s noise. Each sample's
         noise, level s and caption dropout come from its own generator (train.data.sample_generator)."""
-        r = self.recipe.train
         with torch.no_grad():
             x0, text = self.clean_inputs(batch)  # (B, C, F, H, W), (B, S, dim)
-            noise, sigmas, keep = [], [], []
-            for index in batch["index"]:
-                g = sample_generator(r.seed, step, int(index))
-                noise.append(torch.randn(x0.shape[1:], generator=g))
-                sigmas.append(sample_sigmas(1, self.recipe.flow, generator=g))
-                keep.append(torch.rand(1, generator=g) >= r.cfg_dropout)
-            noise = torch.stack(noise).to(self.device)  # (B, C, F, H, W)
-            s = torch.cat(sigmas).to(self.device)  # (B,)
-            keep = torch.cat(keep).to(self.device)  # (B,)
-            text = torch.where(keep[:, None, None], text, self.empty_text.to(text.dtype))  # (B, S, dim)
+            noise, s, text, _ = self.sample_draws(batch, step, x0, text)
+            s = s[:, 0]  # (B,)
             x_s = add_noise(x0, noise, s)  # (B, C, F, H, W)
-        return flow_loss(self.model_forward(x_s, s, text), x0, noise)
+        return flow_loss(self.model_forward(x_s, timesteps_of(s), text), x0, noise)
 
     def train_step(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, Any]:
         """One micro-batch: loss, backward, and on the micro-batch that ends an accumulation window, clipping and

@@ -293,9 +293,9 @@ def get_backend(name: str, device: torch.device | str | None = None) -> Attentio
 
 
 def check_config(config: AttentionConfig, device: torch.device | str | None = None) -> None:
-    """Raise `BackendUnavailable` now (not mid-forward) if `config` asks for something that cannot run on `device`."""
-    if config.kernel not in DENSE_KERNELS:
-        raise BackendUnavailable(f"attention.kernel must be one of {list(DENSE_KERNELS)}, got {config.kernel!r}")
+    """Raise now (not mid-forward) if `config` asks for something that cannot run on `device`: `ConfigError` for a
+    name that is not registered (a config changed after it was built), `BackendUnavailable` with the reason."""
+    check_names(config)
     get_backend(config.kernel, device)
     if config.backend != "dense":
         get_backend(config.backend, device)

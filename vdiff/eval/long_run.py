@@ -26,29 +26,24 @@ TURN = {"left": "up", "up": "right", "right": "down", "down": "left"}
 
 def _generate(pipe: Any, prompts: list[str], cfg: EvalConfig, num_chunks: int, switch_at: int | None,
               bar: Any) -> tuple[list[np.ndarray], list[list[str]], float]:
-    """Clips (T, H, W, 3) and the prompt in force per chunk; seconds per chunk (wall, batched)."""
-    clips, in_force, t0, chunks_done = [], [], time.perf_counter(), 0
+    """Clips (T, H, W, 3) and the prompt in force per chunk; seconds per chunk (wall, batched). With `switch_at`,
+    each clip turns its own direction there, so those clips run one by one (a switch applies to a whole stream)."""
+    clips, in_force, t0 = [], [], time.perf_counter()
+    kw = {"num_chunks": num_chunks, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance}
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         batch = prompts[start:start + cfg.batch_size]
-        switched = None
-        if switch_at is not None:  # one switch per clip: the same object, a turned direction
-            switched = [caption(c, s, TURN[d]) for c, s, d in map(parse_caption, batch)]
-        videos = []
-        # per-clip prompt switches are one batch each only when the batch shares the switch target; run clip by clip
-        groups = [([p], [q]) for p, q in zip(batch, switched)] if switched else [(batch, None)]
-        for prompts_g, switch_g in groups:
-            kw = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance}
-            prompts_arg = {switch_at: switch_g[0]} if switch_g else None
-            chunks = list(pipe.stream(prompts_g if len(prompts_g) > 1 else prompts_g[0], num_chunks=num_chunks,
-                                      seed=cfg.seed + b, prompts=prompts_arg, **kw))
-            videos += list(np.concatenate([c.videos for c in chunks], axis=1))
-            chunks_done += num_chunks * len(prompts_g)
-        for i, p in enumerate(batch):
-            q = switched[i] if switched else p
-            in_force.append([p if switch_at is None or c < switch_at else q for c in range(num_chunks)])
-        clips += videos
+        if switch_at is None:
+            streams = [(batch, None)]
+            in_force += [[p] * num_chunks for p in batch]
+        else:
+            turned = [caption(c, s, TURN[d]) for c, s, d in map(parse_caption, batch)]
+            streams = [([p], {switch_at: q}) for p, q in zip(batch, turned)]
+            in_force += [[p] * switch_at + [q] * (num_chunks - switch_at) for p, q in zip(batch, turned)]
+        for texts, switch in streams:
+            chunks = list(pipe.stream(texts, seed=cfg.seed + b, prompts=switch, **kw))
+            clips += list(np.concatenate([c.videos for c in chunks], axis=1))
         bar.update(len(batch))
-    return clips, in_force, (time.perf_counter() - t0) / max(1, chunks_done)
+    return clips, in_force, (time.perf_counter() - t0) / max(1, len(prompts) * num_chunks)
 
 
 def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
