@@ -178,9 +178,9 @@ def test_bad_input_names_the_argument():
     model = pipe.transformer
     with torch.no_grad(), pytest.raises(ValueError, match="3 token frames do not divide into chunks of 2"):
         model(torch.randn(1, 48, 3, 4, 4), torch.tensor([1.0]), torch.randn(1, 5, 384))
-    with pytest.raises(ValueError, match="does not run block-causal attention yet"), torch.no_grad():
+    with pytest.raises(ValueError, match="vmoba' does not run a causal model"), torch.no_grad():
         model(torch.randn(1, 48, 4, 4, 4), torch.tensor([1.0]), torch.randn(1, 5, 384),
-              attention_kwargs={"attention": "radial"})
+              attention_kwargs={"attention": "vmoba"})
     with pytest.raises(ConfigError, match="model.causal.window_chunks must be null"):
         CausalConfig(window_chunks=-1)
     with pytest.raises(ConfigError, match="model.causal has no Wan/diffusers equivalent"):

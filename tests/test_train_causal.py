@@ -14,19 +14,26 @@ CAUSAL = ["model.causal={chunk_frames: 2, sink_chunks: 1, window_chunks: 1}", "t
           "train.batch_size=2", "data.num_samples=8"]
 
 
-def _trainer(tmp_path, objective):
+def _trainer(tmp_path, objective, extra=()):
     from train.trainer import Trainer
 
     recipe = load_recipe("configs/train/tiny.yaml", [*SMALL, *CAUSAL, f"train.objective={objective}",
-                                                     f"output_dir={tmp_path / objective}", "train.max_steps=1"])
+                                                     f"output_dir={tmp_path / objective}", "train.max_steps=1",
+                                                     *extra])
     return Trainer(recipe)
 
 
-@pytest.mark.parametrize("objective", ["teacher_forcing", "diffusion_forcing"])
-def test_objective_is_causal_in_the_chunks(tmp_path, objective):
+SPARSE_TILES = ["model.attention.backend=sliding_tile", "model.attention.sliding_tile.tile=[1, 2, 2]",
+                "model.attention.sliding_tile.window=[3, 1, 1]"]
+
+
+@pytest.mark.parametrize("objective, extra", [("teacher_forcing", ()), ("diffusion_forcing", ()),
+                                              ("teacher_forcing", SPARSE_TILES)])
+def test_objective_is_causal_in_the_chunks(tmp_path, objective, extra):
     """The loss's prediction for chunk c depends on earlier chunks but never on later ones: change the clean latents of
-    the last chunk and the predictions for the others do not move; change chunk 0 and later predictions do."""
-    trainer = _trainer(tmp_path, objective)
+    the last chunk and the predictions for the others do not move; change chunk 0 and later predictions do (dense,
+    and sliding tile restricted to the attended chunks)."""
+    trainer = _trainer(tmp_path, objective, extra)
     batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2, collate_fn=_collate)))
     preds = {}
 

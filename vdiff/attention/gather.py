@@ -40,11 +40,18 @@ class GatherBucket:
 class GatherPlan:
     """Index tensors of the gather path. Tokens move in runs of `unit` (the gcd of every block start and size), so a
     gather copies unit * H * D contiguous values per index. Every query is in exactly one part-0 group and at most
-    one part-1 group; a query's key sets in the two parts are disjoint."""
+    one part-1 group; a query's key sets in the two parts are disjoint. `length` counts the keys, `q_length` the
+    queries (the same tokens unless the plan was built with other query blocks, e.g. one chunk's queries over the
+    keys of several: `q_length` < `length`)."""
 
     buckets: tuple[GatherBucket, ...]
     length: int
     unit: int
+    q_length: int | None = None  # None: the queries are the keys' tokens
+
+    @property
+    def num_queries(self) -> int:
+        return self.length if self.q_length is None else self.q_length
 
     @property
     def num_pairs(self) -> int:
@@ -95,8 +102,9 @@ def gather_plan(starts: torch.Tensor, sizes: torch.Tensor, kept: torch.Tensor, d
     starts, sizes: LongTensor [Nk], the token range [start, start + size) of each key block (blocks cover [0, L) with
     no overlap; sizes may differ, e.g. a partial last block or partial tiles). Query blocks are the same blocks unless
     query_starts / query_sizes [Nq] are given. kept: BoolTensor [Nq, Nk], query block -> key blocks it attends (whole
-    blocks). Query blocks with the same row of `kept` are merged into one group (fewer, larger gathers); groups with
-    the same (queries, keys) counts share one bucket, so no bucket needs a mask or padding.
+    blocks); query blocks may cover fewer tokens than the keys (a plan for queries that are a part of the keys'
+    sequence, indexed from 0). Query blocks with the same row of `kept` are merged into one group (fewer, larger
+    gathers); groups with the same (queries, keys) counts share one bucket, so no bucket needs a mask or padding.
 
     share_tokens > 0 splits each key set in two (`shared_key_sets`): the part a run of up to `share_tokens`
     consecutive queries has in common runs as one large SDPA per run (part 0), each query block's remaining keys
@@ -108,9 +116,7 @@ def gather_plan(starts: torch.Tensor, sizes: torch.Tensor, kept: torch.Tensor, d
     if kept.shape != (query_starts.numel(), starts.numel()):
         raise ValueError(f"gather_plan: kept is {tuple(kept.shape)}, expected ({query_starts.numel()}, "
                          f"{starts.numel()})")
-    length = int(sizes.sum())
-    if int(query_sizes.sum()) != length:
-        raise ValueError(f"gather_plan: query blocks cover {int(query_sizes.sum())} tokens, key blocks {length}")
+    length, q_length = int(sizes.sum()), int(query_sizes.sum())
     empty = ~kept.any(1)
     if empty.any():
         raise ValueError(f"gather_plan: query block(s) {empty.nonzero().flatten().tolist()[:8]} attend no key block")
@@ -132,22 +138,24 @@ def gather_plan(starts: torch.Tensor, sizes: torch.Tensor, kept: torch.Tensor, d
     buckets = [GatherBucket(len(members), q_len, kv_len, torch.cat([m[0] for m in members]).to(device),
                             torch.cat([m[1] for m in members]).to(device), part)
                for (part, q_len, kv_len), members in sorted(groups.items())]
-    return GatherPlan(tuple(buckets), length, unit)
+    return GatherPlan(tuple(buckets), length, unit, None if q_length == length else q_length)
 
 
 def _chunks(plan: GatherPlan, batch: int, token_bytes: int, chunk_bytes: int, device: torch.device):
     """Yield (q_rows, kv_rows, sdpa_batch, q_len, kv_len, part) per SDPA call: row indices into [B * L / unit, ...]
     views (batch-major), a few groups of one bucket at a time so that the gathered K stays under `chunk_bytes`."""
-    u, n = plan.unit, plan.length // plan.unit
-    batch_offsets = torch.arange(0, batch * n, n, device=device)[:, None]  # [B, 1] first row of each batch element
+    u = plan.unit
 
-    def rows(index: torch.Tensor) -> torch.Tensor:
-        return index if batch == 1 else (batch_offsets + index).flatten()  # [B * len(index)]
+    def rows(index: torch.Tensor, length: int) -> torch.Tensor:  # [B * len(index)]: batch element b at b * length
+        if batch == 1:
+            return index
+        return (torch.arange(0, batch * length // u, length // u, device=device)[:, None] + index).flatten()
 
     for b in plan.buckets:
         per = max(1, min(b.groups, chunk_bytes // (token_bytes * b.kv_len)))  # groups per SDPA call
         for q_idx, kv_idx in zip(b.q_index.split(per * b.q_len // u), b.kv_index.split(per * b.kv_len // u)):
-            yield rows(q_idx), rows(kv_idx), batch * (q_idx.numel() * u // b.q_len), b.q_len, b.kv_len, b.part
+            yield (rows(q_idx, plan.num_queries), rows(kv_idx, plan.length), batch * (q_idx.numel() * u // b.q_len),
+                   b.q_len, b.kv_len, b.part)
 
 
 def _as_sdpa(rows: torch.Tensor, sdpa_batch: int, length: int, heads: int) -> torch.Tensor:
@@ -211,7 +219,7 @@ class _GatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: GatherPlan, chunk_bytes: int):
         B, L, Hh, D = q.shape
         u = plan.unit
-        q_, k_, v_ = (t.reshape(B * L // u, u * Hh * D) for t in (q, k, v))  # one index moves a run of u tokens
+        q_, k_, v_ = (t.reshape(-1, u * Hh * D) for t in (q, k, v))  # one index moves a run of u tokens
         flash = _cpu_flash(q)
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
         outs = [torch.empty_like(q_)] + ([torch.zeros_like(q_)] if plan.split else [])
@@ -245,7 +253,7 @@ class _GatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         B, L, Hh, D = q.shape
         u = ctx.plan.unit
-        q_, k_, v_, o_, go_ = (t.reshape(B * L // u, u * Hh * D) for t in (q, k, v, out, grad_out))
+        q_, k_, v_, o_, go_ = (t.reshape(-1, u * Hh * D) for t in (q, k, v, out, grad_out))
         dq, dk, dv = (torch.zeros_like(t) for t in (q_, k_, v_))
         flash = _cpu_flash(q)
         for q_rows, kv_rows, sb, q_len, kv_len, _ in _chunks(ctx.plan, B, Hh * D * k.element_size(), ctx.chunk_bytes,
@@ -277,8 +285,8 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ga
     faulting in fresh pages (measured 3-4x slower on CPU). Differentiable (q, k, v) on any device (see
     `_GatherAttention`); no double backward.
     """
-    B, L, Hh, D = q.shape
-    if plan.length != L:
-        raise ValueError(f"gather_attention: q has {L} tokens, the plan was built for {plan.length}")
+    if (q.shape[1], k.shape[1]) != (plan.num_queries, plan.length):
+        raise ValueError(f"gather_attention: q has {q.shape[1]} tokens and k {k.shape[1]}, the plan was built for "
+                         f"{plan.num_queries} and {plan.length}")
     return _GatherAttention.apply(q, k, v, plan, chunk_bytes)
 

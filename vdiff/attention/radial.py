@@ -229,6 +229,9 @@ class RadialLayout:
     def reference_mask(self, device: torch.device | str) -> torch.Tensor:
         return expand_blocks(self.blocks, self.opts.block_size, self.length).to(device)
 
+    def token_mask(self) -> torch.Tensor:
+        return expand_blocks(self.blocks, self.opts.block_size, self.length)
+
 
 class RadialBackend(StaticBlockSparseBackend):
     name = "radial"

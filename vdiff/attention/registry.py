@@ -133,6 +133,9 @@ class AttentionContext:
     # per-call KV state the causal_kv cache hook reads (None: no cache, the plain block-causal attention).
     causal: Any = None
     kv_cache: Any = None
+    # A block-causal call (one chunk's queries over several chunks' keys): the keys span `key_frames` token frames of
+    # the grid's (H, W), frame-major, the query chunk (`grid`) last. None: queries and keys are the grid's tokens.
+    key_frames: int | None = None
 
     @property
     def num_tokens(self) -> int:

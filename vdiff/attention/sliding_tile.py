@@ -125,6 +125,9 @@ class TileLayout:
     def reference_mask(self, device: torch.device | str) -> torch.Tensor:
         return self.mask_tile_major().to(device)
 
+    def token_mask(self) -> torch.Tensor:
+        return self.mask_frame_major()
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Fast path: packed query / key layouts so that kernel blocks do not straddle tiles with different windows

@@ -83,6 +83,12 @@ PARTITIONS = ("1d", "2d", "3d")
 _MIN_QUERY_TILE, _MAX_QUERY_TILE = 16, 256  # queries per tile in the fast path (chosen per call, a power of 2)
 _TILE_BATCH_ELEMENTS = 1 << 25  # score elements per batched matmul (bounds the forward's peak memory)
 
+# Why VMoBA refuses block-causal calls (a causal model's chunk-by-chunk attention).
+VMOBA_CAUSAL = ("attention.backend='vmoba' does not run a causal model (model.causal): its 1D/2D/3D block partitions "
+                "and its top-k / threshold selection are defined over one square grid whose queries are its keys, "
+                "while a block-causal call has one chunk's queries over the keys of several chunks (from a KV cache "
+                "when sampling); a causal model runs attention.backend=dense, radial or sliding_tile")
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Options and partition geometry
@@ -317,6 +323,8 @@ class VMoBABackend(AttentionBackend):
         return float("nan")
 
     def attend(self, q, k, v, ctx):
+        if ctx.key_frames is not None:
+            raise ValueError(VMOBA_CAUSAL)
         cfg = ctx.config.vmoba
         T, H, W = ctx.grid
         if q.shape[1] != T * H * W:

@@ -150,9 +150,13 @@ class _CausalKVHook(ModelHook):
         values = torch.cat([*parts_v, v], dim=1)
         q_now = apply_rope(q, cos[-n:], sin[-n:])
         if state.external != "off" and parts_k:
+            if ctx.config.backend != "dense":
+                raise ValueError(f"causal_kv external={state.external!r} splits dense attention by its log-sum-exp; "
+                                 f"attention.backend={ctx.config.backend!r} is sparse: use external='off'")
             o = _split_attention(q_now, keys, values, n, state, ctx.layer, c, ctx.step)
         else:
-            sub = dataclasses.replace(ctx, grid=(layout.frames, *layout.hw), causal=None, kv_cache=None)
+            sub = dataclasses.replace(ctx, grid=(layout.frames, *layout.hw), causal=None, kv_cache=None,
+                                      key_frames=len(chunks) * layout.frames)
             o = dispatch(q_now, keys, values, sub)
         state.attended_tokens = keys.shape[1]
         if state.store:

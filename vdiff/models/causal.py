@@ -19,7 +19,9 @@ RoPE: "absolute" rotates every entry at its chunk's absolute frame positions (ch
 chunk last), so the positions a chunk sees depend only on how many chunks it attends, never on its index: chunk 500
 with the same window content computes what chunk 5 would. Both copies of a chunk (teacher forcing) get the same
 positions. `causal_attention` is the plain implementation (one dense attention per query entry over its keys, any
-device); the causal_kv cache hook computes the same thing from stored keys.
+device); the causal_kv cache hook computes the same thing from stored keys. Sparse backends (radial, sliding tile)
+see each call as the last chunk of a clip made of the chunks it attends, in that order (`AttentionContext.key_frames`,
+vdiff.attention.blocksparse `attend_tail`); VMoBA refuses a causal model.
 """
 
 from __future__ import annotations
@@ -132,10 +134,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Att
     out = torch.empty_like(q)
     for qi, (c, _) in enumerate(layout.entries):
         keys = layout.key_entries(qi)
+        call = dataclasses.replace(sub, key_frames=len(keys) * layout.frames)  # the attended chunks as a clip
         chunks = [layout.entries[i][0] for i in keys]
         cos, sin = layout.tables(c, chunks, q.device)  # (len(keys) * n, 1, Dh/2)
         k_sel = torch.cat([k[:, i * n:(i + 1) * n] for i in keys], dim=1)  # (B, len(keys) * n, N, Dh)
         v_sel = torch.cat([v[:, i * n:(i + 1) * n] for i in keys], dim=1)
         q_i = apply_rope(q[:, qi * n:(qi + 1) * n], cos[-n:], sin[-n:])  # the query chunk sits last
-        out[:, qi * n:(qi + 1) * n] = dispatch(q_i, apply_rope(k_sel, cos, sin), v_sel, sub)
+        out[:, qi * n:(qi + 1) * n] = dispatch(q_i, apply_rope(k_sel, cos, sin), v_sel, call)
     return sp.scatter(out) if sp is not None else out

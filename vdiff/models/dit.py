@@ -24,6 +24,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from vdiff.attention import AttentionContext, MaskCache, check_config, dispatch, token_order
+from vdiff.attention.vmoba import VMOBA_CAUSAL
 from vdiff.config import AttentionConfig, CausalConfig, ModelConfig
 from vdiff.models.causal import causal_attention, layout_for
 from vdiff.models.diffusers_interop import DiffusersInterop
@@ -325,12 +326,15 @@ class VideoDiT(DiffusersInterop, ModelMixin, ConfigMixin):
             context = torch.cat([image, context], dim=1)  # (B, S_img + S, D)
 
         # Sparse backends want space-time neighbours in the same kernel block: reorder once, restore at the end.
-        perm = token_order(ctx.config, grid, x.device, ctx.mask_cache)  # (L,) or None
+        # A causal model attends chunk by chunk in frame-major order (each backend restricts its own pattern to the
+        # chunks a query chunk sees, see vdiff.attention.blocksparse.attend_tail): no reorder.
         if self.causal_config is not None:
-            if perm is not None or ctx.config.backend != "dense":
-                raise ValueError(f"attention.backend={ctx.config.backend!r} does not run block-causal attention yet "
-                                 "(queries and keys of other lengths); a causal model runs attention.backend=dense")
+            if ctx.config.backend == "vmoba":
+                raise ValueError(VMOBA_CAUSAL)
             ctx.causal = layout_for(self.causal_config, grid, self.patch[0], self.rope, ctx.causal)
+            perm = None
+        else:
+            perm = token_order(ctx.config, grid, x.device, ctx.mask_cache)  # (L,) or None
         if perm is not None:
             x, rope = x[:, perm], (rope[0][perm], rope[1][perm])
             if temb.ndim == 3:
