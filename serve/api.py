@@ -4,8 +4,10 @@
     GET    /v1/videos                 recent jobs, newest first (?limit=20)
     GET    /v1/videos/{id}            status (queued | in_progress | completed | failed | cancelled), progress, seed
     GET    /v1/videos/{id}/content    the mp4 (404 until it exists)
-    GET    /v1/videos/{id}/events     server-sent events: status (now), progress, completed | failed | cancelled
-    GET    /v1/videos/{id}/chunks/{n} chunk n of a causal model's job (404 with the reason otherwise)
+    GET    /v1/videos/{id}/events     server-sent events: status (now), progress, chunk (causal models: chunk n is
+                                      ready, with its URL), completed | failed | cancelled
+    GET    /v1/videos/{id}/chunks/{n} chunk n of a causal model's job as an mp4, as soon as it exists
+    POST   /v1/videos/{id}/prompt     {"prompt": ...}: a causal job switches to it at its next chunk boundary
     DELETE /v1/videos/{id}            cancel (stops at the next denoising step) and delete its outputs
     GET    /v1/models                 the served checkpoint and its limits
 
@@ -29,7 +31,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from serve.jobs import JobStore, VideoJob
-from serve.validation import DEFAULT, Limits, RequestError, validate_request
+from serve.validation import DEFAULT, Limits, RequestError, check_prompt, validate_request
 from serve.worker import ServerBusy
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes of JSON; prompts are bounded by max_prompt_chars
@@ -78,10 +80,12 @@ def _sse(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-def model_card(store: JobStore, limits: Limits, causal: bool) -> dict[str, Any]:
+def model_card(store: JobStore, limits: Limits) -> dict[str, Any]:
     g = limits.generation
+    causal = {"frames_per_chunk": limits.chunk_frames, "max_chunks": limits.max_chunks,
+              "attended_chunks": limits.attended_chunks} if limits.causal else None
     return {
-        "id": store.model, "object": "model", "owned_by": "vdiff", "causal": causal,
+        "id": store.model, "object": "model", "owned_by": "vdiff", "causal": limits.causal, "chunks": causal,
         "limits": {
             "num_frames": asdict(g.frames), "frame_rule": g.frame_rule, "height": asdict(limits.sides),
             "width": asdict(limits.sides), "num_inference_steps": asdict(limits.steps),
@@ -98,7 +102,8 @@ def model_card(store: JobStore, limits: Limits, causal: bool) -> dict[str, Any]:
 def add_api(app: FastAPI, store: JobStore, limits: Limits, *, auth: tuple[str, str] | None = None) -> None:
     """Add the `/v1` routes to `app` (Gradio's FastAPI app, after launch: its own routes never start with /v1)."""
     router = APIRouter(prefix="/v1")
-    causal = getattr(store.pool.pipelines[0].transformer, "causal_config", None) is not None
+    causal = limits.causal
+    params = PARAMS + CAUSAL_PARAMS if causal else PARAMS
 
     def denied(request: Request) -> Response | None:
         if auth is None or _authorized(request, auth):
@@ -124,24 +129,24 @@ def add_api(app: FastAPI, store: JobStore, limits: Limits, *, auth: tuple[str, s
         if body is None:
             return error(413, "invalid_request_error", f"request body too large: at most {MAX_BODY_BYTES} bytes")
         try:
-            params = json.loads(body or b"null")
+            body_params = json.loads(body or b"null")
         except ValueError as exc:
             return error(400, "invalid_request_error", f"the body must be a JSON object: {exc}")
-        if not isinstance(params, dict):
+        if not isinstance(body_params, dict):
             return error(400, "invalid_request_error",
-                         f"the body must be a JSON object of parameters; allowed: {list(PARAMS)}")
-        params.pop("model", None)  # one model per server: the name is informational
-        for name in params:
+                         f"the body must be a JSON object of parameters; allowed: {list(params)}")
+        body_params.pop("model", None)  # one model per server: the name is informational
+        for name in body_params:
             if name in CAUSAL_PARAMS and not causal:
                 return error(400, "invalid_request_error", f"{name}: the served model is not causal (it generates "
                              "whole clips); leave it out", name)
-            if name not in PARAMS:
+            if name not in params:
                 return error(400, "invalid_request_error",
-                             f"{name}: unknown parameter; allowed: {list(PARAMS)}", str(name))
+                             f"{name}: unknown parameter; allowed: {list(params)}", str(name))
         try:
-            kwargs = {k: params.get(k, DEFAULT) for k in PARAMS[1:]}
+            kwargs = {k: body_params.get(k, DEFAULT) for k in params[1:]}
             kwargs = {k: v for k, v in kwargs.items() if v is not DEFAULT}
-            req = validate_request(limits, prompt=params.get("prompt"), **kwargs)
+            req = validate_request(limits, prompt=body_params.get("prompt"), **kwargs)
             vj = store.submit(req)
         except RequestError as exc:
             return error(400, "invalid_request_error", str(exc), exc.param)
@@ -180,7 +185,30 @@ def add_api(app: FastAPI, store: JobStore, limits: Limits, *, auth: tuple[str, s
         if not causal:
             return error(404, "not_found", f"{store.model} is not a causal model: its jobs have no chunks, only "
                          f"/v1/videos/{video_id}/content", "index")
-        return error(404, "not_found", "chunk downloads are not served yet for causal jobs", "index")
+        path = vj.chunk(index)
+        if path is None:
+            why = ("it was deleted" if vj.deleted else f"the job has {len(vj.job.chunks)} chunk(s) so far"
+                   if 0 <= index < vj.job.request.num_chunks else f"the job has chunks 0 to "
+                   f"{vj.job.request.num_chunks - 1}")
+            return error(404, "not_found", f"no chunk {index} for {video_id}: {why}", "index")
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}-chunk-{index:05d}.mp4")
+
+    @router.post("/videos/{video_id}/prompt")
+    async def change_prompt(request: Request, video_id: str) -> Response:
+        vj = lookup(request, video_id)
+        if isinstance(vj, Response):
+            return vj
+        body = await _read_body(request)
+        try:
+            data = json.loads(body or b"null") if body is not None else None
+            if not isinstance(data, dict) or set(data) != {"prompt"}:
+                raise RequestError('the body must be {"prompt": "..."}', "prompt")
+            text = check_prompt(limits, data["prompt"])
+            at = vj.job.change_prompt(text)
+        except (ValueError, RequestError) as exc:
+            param = getattr(exc, "param", None) or "prompt"
+            return error(400, "invalid_request_error", str(exc), param)
+        return JSONResponse({"id": vj.id, "prompt": text, "chunk": at})
 
     @router.delete("/videos/{video_id}")
     async def delete(request: Request, video_id: str) -> Response:
@@ -225,7 +253,7 @@ def add_api(app: FastAPI, store: JobStore, limits: Limits, *, auth: tuple[str, s
     async def models(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
-        return JSONResponse({"object": "list", "data": [model_card(store, limits, causal)]})
+        return JSONResponse({"object": "list", "data": [model_card(store, limits)]})
 
     app.include_router(router)
     # first in the table, so no route of Gradio's (pages at /{name}) can ever answer a /v1 path

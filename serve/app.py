@@ -25,7 +25,15 @@ import gradio as gr
 
 from serve.api import add_api
 from serve.jobs import JobStore
-from serve.validation import DEFAULT_MAX_STEPS, RANDOM_SEED, Limits, RequestError, limits_for, validate_request
+from serve.validation import (
+    DEFAULT_MAX_CHUNKS,
+    DEFAULT_MAX_STEPS,
+    RANDOM_SEED,
+    Limits,
+    RequestError,
+    limits_for,
+    validate_request,
+)
 from serve.worker import GenerationFailed, Job, OutOfMemory, OutputStore, ServerBusy, StepHook, WorkerPool
 from vdiff.diffusion.sampling import Cancelled
 
@@ -266,17 +274,19 @@ class RunningServer:
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 7860, devices: Sequence[str] | None = None,
           max_queue: int = 8, max_outputs: int = 64, max_tokens: int | None = None, max_steps: int = DEFAULT_MAX_STEPS,
           auth: tuple[str, str] | None = None, banner: str | None = None, block: bool = True, quiet: bool = False,
-          step_hooks: Sequence[StepHook] = (), lora: str | Path | None = None,
-          lora_scale: float = 1.0) -> RunningServer:
+          step_hooks: Sequence[StepHook] = (), lora: str | Path | None = None, lora_scale: float = 1.0,
+          max_chunks: int = DEFAULT_MAX_CHUNKS, display_scale: int | None = None) -> RunningServer:
     """Load the checkpoint once per device, build the page and serve it on host:port.
 
     With block=False it returns at once (tests, benchmarks); otherwise it serves until interrupted. `lora`: an
-    adapter every pipeline loads at start (the operator's choice; requests cannot name one).
+    adapter every pipeline loads at start (the operator's choice; requests cannot name one). `max_chunks`: a causal
+    model's longest video per request; `display_scale`: the page's nearest-neighbour upscale (None: automatic).
     """
     pool = WorkerPool.from_pretrained(checkpoint, devices, lora=lora, lora_scale=lora_scale, max_queue=max_queue,
                                       store=OutputStore(max_files=max_outputs), step_hooks=step_hooks)
     try:
-        limits = limits_for(pool.pipelines[0], pool.devices[0], max_tokens=max_tokens, max_steps=max_steps)
+        limits = limits_for(pool.pipelines[0], pool.devices[0], max_tokens=max_tokens, max_steps=max_steps,
+                            max_chunks=max_chunks, display_scale=display_scale)
         app = build_app(pool, limits, banner=banner, title=f"vdiff: {Path(checkpoint).name}")
         app.queue(**QUEUE_KWARGS)
         _, url, _ = app.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True,

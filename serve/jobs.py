@@ -40,8 +40,8 @@ class VideoJob:
         self.id = "video_" + secrets.token_urlsafe(16)
         self.job, self.model = job, model
         self.status = "queued"
-        self.steps_done = 0
-        self.num_steps = job.request.num_inference_steps
+        self.steps_done, self.chunks_sent = 0, 0
+        self.num_steps = job.request.num_inference_steps * (job.request.num_chunks or 1)
         self.created_at, self.started_at, self.completed_at = _now(), None, None
         self.error: dict[str, str] | None = None
         self.deleted = False
@@ -65,6 +65,13 @@ class VideoJob:
             return None
         return result.path
 
+    def chunk(self, index: int) -> Path | None:
+        """Chunk `index` of a causal job, once written (and while the job and its files exist)."""
+        chunks = self.job.chunks
+        if self.deleted or not 0 <= index < len(chunks) or not chunks[index].is_file():
+            return None
+        return chunks[index]
+
     def as_dict(self) -> dict[str, Any]:
         r: GenerationRequest = self.job.request
         out: dict[str, Any] = {
@@ -74,6 +81,10 @@ class VideoJob:
             "num_frames": r.num_frames, "height": r.height, "width": r.width, "guidance_scale": r.guidance_scale,
             "attention": r.attention, "error": self.error, "deleted": self.deleted,
         }
+        if r.causal:
+            out.update(num_chunks=r.num_chunks, chunks_done=len(self.job.chunks),
+                       prompts={str(k): v for k, v in sorted(self.job.switches.items())},
+                       chunk_urls=[f"/v1/videos/{self.id}/chunks/{i}" for i in range(len(self.job.chunks))])
         result = self.job.result
         if result is not None:
             stats = result.stats
@@ -117,6 +128,10 @@ class VideoJob:
             if job.started_at is not None and job.step > self.steps_done:
                 self.steps_done = min(job.step, self.num_steps)
                 self._emit("progress")
+            while len(job.chunks) > self.chunks_sent:  # a causal job's chunk n is on disk
+                self._emit("chunk", index=self.chunks_sent, url=f"/v1/videos/{self.id}/chunks/{self.chunks_sent}",
+                           prompt=job.chunk_stats[self.chunks_sent]["prompt"])  # the prompt that made it
+                self.chunks_sent += 1
             if job.done:
                 self.completed_at = _now()
                 if job.error is None:
@@ -135,8 +150,8 @@ class VideoJob:
             with contextlib.suppress(RuntimeError):  # a follower's event loop closed under it
                 wake()
 
-    def _emit(self, name: str) -> None:
-        self._events.append((name, self.as_dict()))
+    def _emit(self, name: str, **extra: Any) -> None:
+        self._events.append((name, {**self.as_dict(), **extra}))
 
 
 class JobStore:
@@ -174,5 +189,7 @@ class JobStore:
         def remove_output() -> None:
             if vj.job.done and vj.job.result is not None:
                 self.pool.store.remove(vj.job.result.path)
+            if vj.job.done and vj.job.chunk_dir is not None:  # a causal job's chunks
+                self.pool.store.remove(vj.job.chunk_dir)
 
         vj.job.add_listener(remove_output)  # runs now when the job has ended

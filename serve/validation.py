@@ -21,6 +21,8 @@ MAX_SEED = 2**32 - 1
 DEFAULT_MAX_STEPS = 100
 DEFAULT_MAX_PROMPT_CHARS = 500
 DEFAULT_MAX_TOKENS = {"cuda": 80_000, "cpu": 4096}  # 720p x 81 frames is 75,600 tokens
+DEFAULT_MAX_CHUNKS = 64  # a causal model's longest video per request, in chunks (`--max-chunks`)
+DISPLAY_MIN_SIDE = 256  # previews of smaller models are upscaled (nearest neighbour) to at least this shorter side
 
 
 class RequestError(ValueError):
@@ -56,6 +58,15 @@ class Limits:
     default_attention: str = "dense"
     cache_choices: tuple[str, ...] = field(default_factory=_cache_names)
     default_cache: tuple[str, ...] = ()
+    # A causal (long-video) model: pixel frames per chunk, chunks one chunk attends (None: all), the server's bound
+    chunk_frames: int = 0  # 0: not causal
+    attended_chunks: int | None = None
+    max_chunks: int = DEFAULT_MAX_CHUNKS
+    display_scale: int = 1  # integer nearest-neighbour upscale of the page's previews (the original stays)
+
+    @property
+    def causal(self) -> bool:
+        return self.chunk_frames > 0
 
     @property
     def steps(self) -> Span:
@@ -89,6 +100,20 @@ class GenerationRequest:
     attention: str
     cache: tuple[str, ...] = ()
     attention_is_default: bool = False  # the pipeline's configured attention (with its options) is used as is
+    num_chunks: int | None = None  # a causal model's request: num_frames = num_chunks x frames per chunk
+    prompts: tuple[tuple[int, str], ...] = ()  # prompt switches (chunk, prompt), ascending
+
+    @property
+    def causal(self) -> bool:
+        return self.num_chunks is not None
+
+    def stream_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `VideoPipeline.stream` (a causal request; same names)."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "num_chunks": self.num_chunks, "prompts": dict(self.prompts), "height": self.height,
+                "width": self.width, "cache": list(self.cache),
+                "attention": None if self.attention_is_default else self.attention}
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `VideoPipeline.__call__` (same names)."""
@@ -156,6 +181,11 @@ def _text(name: str, value: Any, max_chars: int, *, required: bool) -> str | Non
     return value or None
 
 
+def check_prompt(limits: Limits, value: Any, name: str = "prompt") -> str:
+    """A prompt as a request's (1 to max_prompt_chars characters, stripped), e.g. a mid-stream prompt change."""
+    return _text(name, value, limits.max_prompt_chars, required=True) or ""
+
+
 def _seed(value: Any, rng: random.Random) -> int:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", RANDOM_SEED, "-1")):
         return rng.randint(0, MAX_SEED)
@@ -193,9 +223,57 @@ class _Default:
 DEFAULT: Any = _Default()  # an argument left out: the pipeline's default (an explicit None is a bad value)
 
 
+def _chunks(limits: Limits, num_chunks: Any, num_frames: Any) -> tuple[int | None, int]:
+    """(num_chunks, num_frames) of a request: a causal model takes either (frames = chunks x frames per chunk)."""
+    g, per = limits.generation, limits.chunk_frames
+    if not limits.causal:
+        if num_chunks is not DEFAULT:
+            raise RequestError("num_chunks: the served model is not causal (it generates whole clips); leave it out "
+                               "and ask for num_frames")
+        frames = _number("num_frames", g.default_frames if num_frames is DEFAULT else num_frames, g.frames.min,
+                         g.frames.max, integer=True)
+        if frames not in g.frames:
+            raise RequestError(f"num_frames must be {g.frames.multiple}k + {g.frames.offset} "
+                               f"in [{g.frames.min}, {g.frames.max}], got {frames}")
+        return None, frames
+    if num_chunks is not DEFAULT:
+        chunks = _number("num_chunks", num_chunks, 1, limits.max_chunks, integer=True)
+        if num_frames is not DEFAULT and num_frames != chunks * per:
+            raise RequestError(f"num_frames={_fmt(num_frames)} disagrees with num_chunks={chunks} ({per} frames per "
+                               f"chunk): give one of them")
+        return chunks, chunks * per
+    frames = _number("num_frames", g.default_frames if num_frames is DEFAULT else num_frames, per,
+                     per * limits.max_chunks, integer=True)
+    if frames % per:
+        raise RequestError(f"num_frames must be a multiple of {per} (frames per chunk) in [{per}, "
+                           f"{per * limits.max_chunks}], got {frames}")
+    return frames // per, frames
+
+
+def _switches(value: Any, num_chunks: int | None, max_chars: int) -> tuple[tuple[int, str], ...]:
+    """Prompt switches {chunk: prompt} (JSON keys arrive as strings) -> ((chunk, prompt), ...), ascending."""
+    if value is None or value == {}:
+        return ()
+    if num_chunks is None:
+        raise RequestError("prompts: the served model is not causal (one prompt per clip); leave it out")
+    if not isinstance(value, dict):
+        raise RequestError(f"prompts must be an object {{chunk index: prompt}}, got {type(value).__name__}")
+    out = {}
+    for key, text in value.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            chunk = key
+        else:
+            chunk = int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        if chunk is None or not 0 <= chunk < num_chunks:
+            raise RequestError(f"prompts: keys must be chunk indices in [0, {num_chunks - 1}], got {_fmt(key)}")
+        out[chunk] = _text(f"prompts[{chunk}]", text, max_chars, required=True)
+    return tuple(sorted(out.items()))
+
+
 def validate_request(limits: Limits, *, prompt: Any, negative_prompt: Any = None, seed: Any = RANDOM_SEED,
                      num_inference_steps: Any = DEFAULT, guidance_scale: Any = DEFAULT, num_frames: Any = DEFAULT,
                      height: Any = DEFAULT, width: Any = DEFAULT, attention: Any = None, cache: Any = None,
+                     num_chunks: Any = DEFAULT, prompts: Any = None,
                      rng: random.Random | None = None) -> GenerationRequest:
     """Check every value against `limits`; raise `RequestError` naming the first bad parameter."""
     g = limits.generation
@@ -208,19 +286,20 @@ def validate_request(limits: Limits, *, prompt: Any, negative_prompt: Any = None
     steps = _number("num_inference_steps", given(num_inference_steps, g.default_steps), limits.steps.min,
                     limits.steps.max, integer=True)
     guidance = _number("guidance_scale", given(guidance_scale, g.default_guidance), *g.guidance)
-    frames = _number("num_frames", given(num_frames, g.default_frames), g.frames.min, g.frames.max, integer=True)
-    if frames not in g.frames:
-        raise RequestError(f"num_frames must be {g.frames.multiple}k + {g.frames.offset} "
-                           f"in [{g.frames.min}, {g.frames.max}], got {frames}")
+    chunks, frames = _chunks(limits, num_chunks, num_frames)
+    switches = _switches(prompts, chunks, limits.max_prompt_chars)
     sides = limits.sides
     h = _number("height", given(height, g.default_height), sides.min, sides.max, integer=True)
     w = _number("width", given(width, g.default_width), sides.min, sides.max, integer=True)
     for name, v in (("height", h), ("width", w)):
         if v not in sides:
             raise RequestError(f"{name} must be a multiple of {sides.multiple} in [{sides.min}, {sides.max}], got {v}")
-    tokens = g.token_count(frames, h, w)
+    # the work of one forward: the whole clip, or for a causal model the chunks one chunk attends
+    attended = frames if chunks is None else limits.chunk_frames * min(chunks, limits.attended_chunks or chunks)
+    tokens = g.token_count(attended, h, w)
     if tokens > limits.max_tokens:
-        raise RequestError(f"num_frames x height x width = {frames} x {h} x {w} is {tokens} tokens; this server "
+        what = "num_frames x height x width" if chunks is None else "attended frames x height x width"
+        raise RequestError(f"{what} = {attended} x {h} x {w} is {tokens} tokens; this server "
                            f"allows at most {limits.max_tokens}: ask for fewer frames or a smaller size")
     if attention is None or attention == "":
         attention = limits.default_attention
@@ -231,14 +310,27 @@ def validate_request(limits: Limits, *, prompt: Any, negative_prompt: Any = None
         prompt=prompt_text or "", negative_prompt=negative_text, seed=_seed(seed, rng or random.Random()),
         num_inference_steps=steps, guidance_scale=guidance, num_frames=frames, height=h, width=w,
         attention=attention, cache=_cache(cache, limits),
-        attention_is_default=attention == limits.default_attention,
+        attention_is_default=attention == limits.default_attention, num_chunks=chunks, prompts=switches,
     )
 
 
+def display_scale_for(height: int, width: int, scale: int | None = None) -> int:
+    """The page's integer upscale: `scale` when given (>= 1), else the least factor that brings the shorter side to
+    DISPLAY_MIN_SIDE for clips below 128 px (1 otherwise)."""
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 64:
+            raise ValueError(f"display_scale must be an integer in [1, 64], got {scale!r}")
+        return scale
+    side = min(height, width)
+    return 1 if side >= 128 else -(-DISPLAY_MIN_SIDE // side)
+
+
 def limits_for(pipe: Any, device: str = "cpu", *, max_tokens: int | None = None, max_steps: int = DEFAULT_MAX_STEPS,
-               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> Limits:
+               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, max_chunks: int = DEFAULT_MAX_CHUNKS,
+               display_scale: int | None = None) -> Limits:
     """What this server accepts for `pipe` on `device`: the pipeline's own rules (`pipe.limits`), its enabled caches,
-    the sparse attention backends that can run on `device`, and two server bounds on the work per request."""
+    the sparse attention backends that can run on `device`, and the server's bounds on the work per request
+    (tokens per forward, steps, and for a causal model chunks per video)."""
     from vdiff.attention import available
 
     g: GenerationLimits = pipe.limits
@@ -253,9 +345,18 @@ def limits_for(pipe: Any, device: str = "cpu", *, max_tokens: int | None = None,
                             if f in g.frames and g.token_count(f, smallest, smallest) <= max_tokens} | {d_frames})
     sparse = [name for name, status in available(device).items() if status.sparse and status.available]
     configured = pipe.config.attention.backend
+    causal = getattr(pipe.transformer, "causal_config", None)
+    if causal is not None:
+        sparse = [name for name in sparse if name != "vmoba"]  # refuses a causal model (vdiff.attention.vmoba)
+    if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 1:
+        raise ValueError(f"max_chunks must be an integer >= 1, got {max_chunks!r}")
     return Limits(
         generation=g, frame_choices=tuple(frame_choices), size_choices=tuple(size_choices), max_tokens=max_tokens,
         max_steps=min(max_steps, g.steps.max), max_prompt_chars=max_prompt_chars,
         attention_choices=tuple(dict.fromkeys(["dense", configured, *sparse])), default_attention=configured,
         default_cache=tuple(pipe.caches),
+        chunk_frames=pipe.chunk_pixel_frames if causal is not None else 0,
+        attended_chunks=(None if causal is None or causal.window_chunks is None
+                         else causal.sink_chunks + causal.window_chunks + 1),
+        max_chunks=max_chunks, display_scale=display_scale_for(g.default_height, g.default_width, display_scale),
     )

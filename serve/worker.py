@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from serve.validation import GenerationRequest, RequestError
@@ -87,16 +88,17 @@ class OutputStore:
         return self.root / f"{uuid.uuid4().hex}{suffix}"
 
     def add(self, path: Path) -> None:
-        """Record a written file and delete the oldest ones beyond `max_files`."""
+        """Record a written file (or a folder: a causal job's chunks, one entry) and delete the oldest entries beyond
+        `max_files`."""
         with self._lock:
             self._files.append(path)
             while len(self._files) > self.max_files:
-                self._files.popleft().unlink(missing_ok=True)
+                _delete(self._files.popleft())
 
     def remove(self, path: Path) -> None:
-        """Delete one file now (a job's outputs, when its client deletes the job)."""
+        """Delete one entry now (a job's outputs, when its client deletes the job)."""
         with self._lock:
-            path.unlink(missing_ok=True)
+            _delete(path)
             with contextlib.suppress(ValueError):
                 self._files.remove(path)
 
@@ -111,6 +113,13 @@ class OutputStore:
                 for path in self._files:
                     path.unlink(missing_ok=True)
             self._files.clear()
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -138,6 +147,12 @@ class Job:
     num_steps: int = 0
     result: JobResult | None = None
     error: BaseException | None = None
+    # A causal request: its chunk files as they are written (in the folder `chunk_dir`), each chunk's stats, and
+    # the prompt switches {chunk: prompt} the stream reads at every chunk boundary (`change_prompt` adds to it)
+    chunks: list[Path] = field(default_factory=list)
+    chunk_stats: list[dict[str, Any]] = field(default_factory=list)
+    chunk_dir: Path | None = None
+    switches: dict[int, str] = field(default_factory=dict)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -158,6 +173,18 @@ class Job:
         self._cancel.set()
         if self._on_cancel is not None:
             self._on_cancel(self)
+
+    def change_prompt(self, prompt: str) -> int:
+        """Switch a causal job's prompt at its next chunk boundary (the first chunk not yet started, or chunk 0 if
+        it waits); returns that chunk's index. The caller checked the text (serve.validation)."""
+        if self.request.num_chunks is None:
+            raise RequestError("prompt: the served model is not causal; a running clip cannot change its prompt")
+        at = len(self.chunks) + (1 if self.started_at is not None else 0)
+        if self.done or at >= self.request.num_chunks:
+            raise RequestError(f"prompt: the job has no chunk left to switch (it made {len(self.chunks)} of "
+                               f"{self.request.num_chunks})")
+        self.switches[at] = prompt
+        return at
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """`fn()` is called (from the worker thread) when the job starts, after each step, and when it ends."""
@@ -242,7 +269,7 @@ class WorkerPool:
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request. Raises `ServerBusy` at once when `max_queue` requests are already waiting."""
-        job = Job(request)
+        job = Job(request, switches=dict(request.prompts))
         job._on_cancel = self._dequeue
         with self._cond:
             if self._closed:
@@ -329,24 +356,29 @@ class WorkerPool:
 
     def _run(self, pipe: Any, device: str, job: Job) -> JobResult:
         job.started_at, job.device = time.perf_counter(), device
-        job.num_steps = job.request.num_inference_steps
+        request = job.request
+        chunks = request.num_chunks or 1  # steps count over every chunk of a causal request
+        job.num_steps = request.num_inference_steps * chunks
         job._notify()
 
         def on_step(step_index: int, num_steps: int, latents: torch.Tensor) -> bool:
-            job.step, job.num_steps = step_index + 1, num_steps
+            job.step, job.num_steps = len(job.chunks) * num_steps + step_index + 1, num_steps * chunks
             for hook in self.step_hooks:
                 hook(job, step_index, num_steps)
             job._notify()
             return not job.cancelled
 
-        request = job.request
         try:
-            out = pipe(**request.pipeline_kwargs(), callback=on_step)
-            if job.cancelled:
-                raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps")
-            path = self.store.new_path(f".{self.video_format}")
-            out.save(path)
-            self.store.add(path)
+            if request.causal:
+                path, stats = self._stream(pipe, job, on_step)
+            else:
+                out = pipe(**request.pipeline_kwargs(), callback=on_step)
+                if job.cancelled:
+                    raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps")
+                path = self.store.new_path(f".{self.video_format}")
+                out.save(path)
+                self.store.add(path)
+                stats = out.stats.as_dict() if hasattr(out.stats, "as_dict") else dict(out.stats)
         except Cancelled as exc:  # the pipeline stopped at the step callback, or the job was cancelled in its last step
             raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps") from exc
         except GenerationFailed:
@@ -369,12 +401,37 @@ class WorkerPool:
             log.error("generation failed on %s for %s:\n%s", device, _describe(request), traceback.format_exc())
             raise GenerationFailed(f"generation failed on the server ({type(exc).__name__}: {exc})") from exc
         finished = time.perf_counter()
-        stats = out.stats.as_dict() if hasattr(out.stats, "as_dict") else dict(out.stats)
         stats.update(num_frames=request.num_frames, height=request.height, width=request.width,
                      num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                      seed=request.seed, device=device, attention=request.attention, cache_names=list(request.cache),
                      queue_s=round(job.started_at - job.submitted_at, 4), run_s=round(finished - job.started_at, 4))
         return JobResult(path=path, stats=stats)
+
+    def _stream(self, pipe: Any, job: Job, on_step: Callable) -> tuple[Path, dict[str, Any]]:
+        """A causal request: `pipe.stream` chunk by chunk, each chunk written to the job's folder as it is made (the
+        API serves it at once), then the whole clip. The stream reads `job.switches` at every chunk boundary."""
+        from vdiff.pipeline_io import write_video
+
+        fps = pipe.config.fps
+        job.chunk_dir = self.store.new_path("")
+        job.chunk_dir.mkdir()
+        self.store.add(job.chunk_dir)  # one entry: the chunks go together
+        frames = []
+        for chunk in pipe.stream(**{**job.request.stream_kwargs(), "prompts": job.switches}, callback=on_step):
+            path = write_video(job.chunk_dir / f"chunk-{chunk.index:05d}.mp4", chunk.frames, fps)
+            frames.append(chunk.frames)
+            job.chunk_stats.append({**chunk.stats, "prompt": chunk.prompt})
+            job.chunks.append(path)  # after its stats: a listener that sees the chunk sees them
+            job._notify()
+            if job.cancelled:
+                raise Cancelled(f"cancelled after chunk {chunk.index}")
+        path = write_video(self.store.new_path(f".{self.video_format}"), np.concatenate(frames), fps)
+        self.store.add(path)
+        seconds = [c["seconds"] for c in job.chunk_stats]
+        return path, {"chunks": len(frames), "chunk_s": [round(x, 4) for x in seconds],
+                      "denoise_s": round(sum(seconds) - sum(c["decode_s"] for c in job.chunk_stats), 4),
+                      "decode_s": round(sum(c["decode_s"] for c in job.chunk_stats), 4),
+                      "kv_bytes": job.chunk_stats[-1]["kv_bytes"], "fps": fps}
 
     @staticmethod
     def _free_memory(device: str) -> None:

@@ -6,6 +6,7 @@ through `serve.app.serve`, exactly as `./launch.sh serve --checkpoint DIR` does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -63,3 +64,16 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+@contextlib.contextmanager
+def serving(checkpoint: str | Path, **kwargs):
+    """A real server (page + job API) for `checkpoint` on a free loopback port, closed at the end."""
+    from serve.app import serve
+    from vdiff.runtime import free_port
+
+    srv = serve(checkpoint, port=free_port(), block=False, quiet=True, **kwargs)
+    try:
+        yield srv
+    finally:
+        srv.close()

@@ -87,6 +87,10 @@ class VideoClient:
         """Chunk `index` of a causal model's job (an mp4), once generated."""
         return self._check(self.http.get(f"/v1/videos/{video_id}/chunks/{index}")).content
 
+    def change_prompt(self, video_id: str, prompt: str) -> int:
+        """Switch a causal job to `prompt` at its next chunk boundary; returns the chunk it takes effect at."""
+        return self._check(self.http.post(f"/v1/videos/{video_id}/prompt", json={"prompt": prompt})).json()["chunk"]
+
     def models(self) -> list[dict[str, Any]]:
         return self._check(self.http.get("/v1/models")).json()["data"]
 

@@ -202,16 +202,19 @@ class VideoPipeline(LoraPipelineMixin):
                num_inference_steps: int | None = None, guidance_scale: float | None = None,
                prompts: dict[int, str] | None = None, cache: Sequence[str | CacheConfig] | None = None,
                callback: Callable[[int, int, torch.Tensor], Any] | None = None, negative_prompt: Any = None,
-               height: int | None = None, width: int | None = None, progress: bool = False) -> Iterator[VideoChunk]:
+               height: int | None = None, width: int | None = None, attention: Any = None,
+               progress: bool = False) -> Iterator[VideoChunk]:
         """Generate a causal model's video chunk by chunk (vdiff.streaming): yields `VideoChunk`s (`.index`,
         `.frames` uint8 (t, H, W, 3), `.stats`). num_chunks None: until the caller stops iterating. prompts={k: text}
-        switches the prompt at chunk k. cache: None = the pipeline's caches (with causal_kv: each chunk attends to
-        stored K/V); a list without causal_kv recomputes the whole history at every step (the reference)."""
+        switches the prompt at chunk k; entries added while iterating take effect at their chunk if it has not
+        started (live steering). attention: as for __call__. cache: None = the pipeline's caches (with causal_kv:
+        each chunk attends to stored K/V); a list without causal_kv recomputes the whole history at every step (the
+        reference)."""
         from vdiff.streaming import check_stream_args, stream_chunks
 
         switches = check_stream_args(num_chunks, prompts)
         a = self._resolve(prompt, negative_prompt, self.chunk_pixel_frames, height, width, num_inference_steps,
-                          guidance_scale, seed, None, cache, callback, None, None)
+                          guidance_scale, seed, attention, cache, callback, None, None)
         if "step" in a.caches:
             raise ValueError("cache: the step cache does not apply to chunk-by-chunk generation; leave 'step' out")
         kv = a.cache_configs.get("causal_kv") or self._installed.get("causal_kv")

@@ -69,7 +69,7 @@ def check_stream_args(num_chunks: Any, prompts: Any) -> dict[int, str]:
             raise ValueError(f"prompts: keys must be chunk indices (ints >= 0), got {k!r}")
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"prompts[{k}] must be a non-empty string, got {text!r}")
-    return dict(prompts)
+    return prompts  # the caller's dict: entries it adds while the stream runs are switches too (checked at use)
 
 
 def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[int, str], context_noise: float,
@@ -136,6 +136,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
         t0 = time.perf_counter()
         with torch.no_grad(), cache_context(call=call, keep=True):
             if chunk in switches:
+                check_stream_args(None, {chunk: switches[chunk]})  # added while the stream ran: checked here
                 prompts = [switches[chunk]] * n
                 context = encode(prompts)  # a new tensor: the text K/V hooks recompute it once
                 if state is not None:  # re-commit the held chunks under the new prompt, oldest first
