@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from serve.validation import DEFAULT_MAX_STEPS
+from serve.validation import DEFAULT_MAX_CHUNKS, DEFAULT_MAX_STEPS
 from vdiff.runtime import BUNDLED_CHECKPOINT as BUNDLED
 
 ROOT = BUNDLED.parent.parent  # the checkout
@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest request in latent tokens (frames x height x width after VAE and patching)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"most denoising steps a request may ask for (default {DEFAULT_MAX_STEPS})")
+    p.add_argument("--max-chunks", type=int, default=DEFAULT_MAX_CHUNKS,
+                   help=f"causal (long-video) models: most chunks one request may ask for; the page's 'until "
+                        f"stopped' runs to it (default {DEFAULT_MAX_CHUNKS})")
+    p.add_argument("--display-scale", type=int, default=None,
+                   help="integer nearest-neighbour upscale of the page's videos (default: automatic, so that "
+                        "clips below 128 px show with the shorter side >= 256 px; 1 = as generated). The original "
+                        "stays downloadable")
     p.add_argument("--lora", type=Path, default=None,
                    help="a LoRA adapter (file or folder, diffusers' format) applied to every request; chosen by the "
                         "operator here, never by a client")
@@ -108,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --checkpoint {checkpoint} is not a folder (a VideoPipeline.save_pretrained output)",
                   file=sys.stderr)
             return 2
+    if args.max_chunks < 1:
+        print(f"error: --max-chunks must be >= 1, got {args.max_chunks}", file=sys.stderr)
+        return 2
+    if args.display_scale is not None and not 1 <= args.display_scale <= 64:
+        print(f"error: --display-scale must be in [1, 64], got {args.display_scale}", file=sys.stderr)
+        return 2
     if args.lora is not None and not args.lora.exists():
         print(f"error: --lora {args.lora}: no such file or folder", file=sys.stderr)
         return 2
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print("[demo] " + banner.replace("**", ""), flush=True)
     serve(checkpoint, host=args.host, port=args.port, devices=devices, max_queue=args.max_queue,
           max_outputs=args.max_outputs, max_tokens=args.max_tokens, max_steps=args.max_steps, auth=auth,
-          banner=banner, block=True, lora=args.lora, lora_scale=args.lora_scale)
+          banner=banner, block=True, lora=args.lora, lora_scale=args.lora_scale, max_chunks=args.max_chunks,
+          display_scale=args.display_scale)
     return 0
 
 

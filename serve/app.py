@@ -25,6 +25,7 @@ import gradio as gr
 
 from serve.api import add_api
 from serve.jobs import JobStore
+from serve.stream_page import add_stream_tab
 from serve.validation import (
     DEFAULT_MAX_CHUNKS,
     DEFAULT_MAX_STEPS,
@@ -115,11 +116,37 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
          "height": g.default_height, "width": g.default_width, "cache": list(limits.default_cache)}
     d.update(defaults or {})
 
+    sessions: dict[str | None, set[Job]] = {}  # session -> its jobs (cancelled when the client goes away)
+    sessions_lock = threading.Lock()
+
+    def _forget(session: str | None, job: Job) -> None:  # with sessions_lock held
+        jobs = sessions.get(session, set())
+        jobs.discard(job)
+        if not jobs:
+            sessions.pop(session, None)
+
     with gr.Blocks(title=title, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"# {title}")
         if banner:
             gr.Markdown(banner, elem_id="vdiff-banner")
-        with gr.Row():
+        streams: dict[str | None, Job] = {}  # session -> its running stream (the Stream tab's prompt changes)
+
+        def track(session: str | None, job: Any) -> Job | None:
+            with sessions_lock:
+                if job is None:
+                    old = streams.pop(session, None)
+                    if old is not None:
+                        _forget(session, old)
+                    return None
+                if job is not ...:
+                    streams[session] = job
+                    sessions.setdefault(session, set()).add(job)
+                return streams.get(session)
+
+        if limits.causal:
+            with gr.Tab("Stream", id="stream"):
+                add_stream_tab(pool, limits, d, track, pool.pipelines[0].config.fps)
+        with gr.Tab("Clip", id="clip") if limits.causal else contextlib.nullcontext(), gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=2, max_lines=4, placeholder="a red circle moving right",
                                     info=f"1 to {limits.max_prompt_chars} characters", elem_id="vdiff-prompt")
@@ -154,6 +181,8 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
                 video = gr.Video(label="Video", format=None, autoplay=True, loop=True, interactive=False,
                                  buttons=["download"], elem_id="vdiff-video")
                 stats_line = gr.Textbox(label="Stats", interactive=False, lines=1, elem_id="vdiff-stats")
+                original = gr.File(label="Original (model resolution)", interactive=False,
+                                   elem_id="vdiff-original", visible=limits.display_scale > 1)
                 with gr.Accordion("All stats", open=False):
                     stats_json = gr.JSON(label="stats")
         inputs = [unchecked(c) for c in (prompt, negative_prompt, seed, num_inference_steps, guidance_scale,
@@ -169,7 +198,7 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
         async def generate(prompt: str, negative_prompt: str | None, seed: Any, num_inference_steps: Any,
                            guidance_scale: Any, num_frames: Any, height: Any, width: Any, attention: Any,
                            cache: Any, request: gr.Request, progress: gr.Progress = gr.Progress()):  # noqa: B008
-            """Generate a video; returns (mp4, stats line, stats dict)."""
+            """Generate a video; returns (mp4 as shown, stats line, stats dict, the original's path)."""
             try:
                 req = validate_request(limits, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -200,10 +229,7 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
             finally:  # also the Cancel button / gradio_client's job.cancel(): gradio cancels this task
                 job.cancel()  # no-op once done
                 with sessions_lock:
-                    jobs = sessions.get(session, set())
-                    jobs.discard(job)
-                    if not jobs:
-                        sessions.pop(session, None)
+                    _forget(session, job)
             if isinstance(job.error, OutOfMemory):
                 raise gr.Error(str(job.error), title="Out of memory", print_exception=False)
             if isinstance(job.error, Cancelled):
@@ -216,13 +242,12 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
                 raise gr.Error(f"generation failed on the server ({type(job.error).__name__})",
                                title="Generation failed")
             assert job.result is not None
-            stats = job.result.stats
-            return str(job.result.path), format_stats(stats), stats
+            result = job.result
+            shown = result.preview or result.path  # small clips: the nearest-neighbour upscale (display_scale)
+            return str(shown), format_stats(result.stats), result.stats, str(result.path)
 
         # A client that goes away (tab closed, process killed, network gone) drops its heartbeat connection; gradio
         # then fires `unload` for its session, but does not stop a running event: stop its jobs here.
-        sessions: dict[str | None, set[Job]] = {}
-        sessions_lock = threading.Lock()
 
         def client_gone(request: gr.Request) -> None:
             with sessions_lock:
@@ -233,8 +258,10 @@ def build_app(pool: WorkerPool, limits: Limits, *, title: str = "vdiff: text to 
 
         demo.unload(client_gone)
 
-        event = run.click(generate, inputs=inputs, outputs=[video, stats_line, stats_json], api_name="generate",
-                          concurrency_limit=None, show_progress="full")
+        original_path = gr.State(None)  # not an API output: /generate returns (video, stats line, stats)
+        event = run.click(generate, inputs=inputs, outputs=[video, stats_line, stats_json, original_path],
+                          api_name="generate", concurrency_limit=None, show_progress="full")
+        event.then(lambda path: path, inputs=[original_path], outputs=[original], api_visibility="private")
         stop.click(None, cancels=[event], api_visibility="private")
     return demo
 
@@ -287,6 +314,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 7860, 
     try:
         limits = limits_for(pool.pipelines[0], pool.devices[0], max_tokens=max_tokens, max_steps=max_steps,
                             max_chunks=max_chunks, display_scale=display_scale)
+        pool.display_scale = limits.display_scale
         app = build_app(pool, limits, banner=banner, title=f"vdiff: {Path(checkpoint).name}")
         app.queue(**QUEUE_KWARGS)
         _, url, _ = app.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True,

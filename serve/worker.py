@@ -129,8 +129,9 @@ def _delete(path: Path) -> None:
 
 @dataclass
 class JobResult:
-    path: Path
+    path: Path  # the video as generated (model resolution)
     stats: dict[str, Any]
+    preview: Path | None = None  # the page's copy, upscaled by the pool's display_scale (None: scale 1)
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -150,6 +151,7 @@ class Job:
     # A causal request: its chunk files as they are written (in the folder `chunk_dir`), each chunk's stats, and
     # the prompt switches {chunk: prompt} the stream reads at every chunk boundary (`change_prompt` adds to it)
     chunks: list[Path] = field(default_factory=list)
+    chunk_frames: list[np.ndarray] = field(default_factory=list, repr=False)  # uint8 (t, H, W, 3) each
     chunk_stats: list[dict[str, Any]] = field(default_factory=list)
     chunk_dir: Path | None = None
     switches: dict[int, str] = field(default_factory=dict)
@@ -236,6 +238,7 @@ class WorkerPool:
         self.store = store or OutputStore()
         self.step_hooks: list[StepHook] = list(step_hooks)
         self.video_format = video_format
+        self.display_scale = 1  # > 1: each result also gets an upscaled preview (nearest neighbour) for the page
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "busy": 0, "out_of_memory": 0}
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}  # worker index -> its job (device labels may repeat: "cpu,cpu")
@@ -371,6 +374,7 @@ class WorkerPool:
         try:
             if request.causal:
                 path, stats = self._stream(pipe, job, on_step)
+                frames = np.concatenate(job.chunk_frames)
             else:
                 out = pipe(**request.pipeline_kwargs(), callback=on_step)
                 if job.cancelled:
@@ -379,6 +383,7 @@ class WorkerPool:
                 out.save(path)
                 self.store.add(path)
                 stats = out.stats.as_dict() if hasattr(out.stats, "as_dict") else dict(out.stats)
+                frames = out.frames
         except Cancelled as exc:  # the pipeline stopped at the step callback, or the job was cancelled in its last step
             raise Cancelled(f"cancelled after {job.step} of {job.num_steps} steps") from exc
         except GenerationFailed:
@@ -400,12 +405,19 @@ class WorkerPool:
                 ) from None
             log.error("generation failed on %s for %s:\n%s", device, _describe(request), traceback.format_exc())
             raise GenerationFailed(f"generation failed on the server ({type(exc).__name__}: {exc})") from exc
+        preview = None
+        if self.display_scale > 1:
+            from serve.segments import upscale
+            from vdiff.pipeline_io import write_video
+
+            preview = write_video(self.store.new_path(".mp4"), upscale(frames, self.display_scale), pipe.config.fps)
+            self.store.add(preview)
         finished = time.perf_counter()
         stats.update(num_frames=request.num_frames, height=request.height, width=request.width,
                      num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                      seed=request.seed, device=device, attention=request.attention, cache_names=list(request.cache),
                      queue_s=round(job.started_at - job.submitted_at, 4), run_s=round(finished - job.started_at, 4))
-        return JobResult(path=path, stats=stats)
+        return JobResult(path=path, stats=stats, preview=preview)
 
     def _stream(self, pipe: Any, job: Job, on_step: Callable) -> tuple[Path, dict[str, Any]]:
         """A causal request: `pipe.stream` chunk by chunk, each chunk written to the job's folder as it is made (the
@@ -416,7 +428,7 @@ class WorkerPool:
         job.chunk_dir = self.store.new_path("")
         job.chunk_dir.mkdir()
         self.store.add(job.chunk_dir)  # one entry: the chunks go together
-        frames = []
+        frames = job.chunk_frames
         for chunk in pipe.stream(**{**job.request.stream_kwargs(), "prompts": job.switches}, callback=on_step):
             path = write_video(job.chunk_dir / f"chunk-{chunk.index:05d}.mp4", chunk.frames, fps)
             frames.append(chunk.frames)

@@ -21,11 +21,13 @@ HOLD = "[hold]"  # a prompt containing this waits at its first step until releas
 OOM = "[oom]"  # a prompt containing this raises torch.OutOfMemoryError at its second step
 
 
-def save_tiny_pipeline(path: Path) -> Path:
+def save_tiny_pipeline(path: Path, causal: bool = False) -> Path:
+    """A random-weight tiny pipeline on disk; `causal`: block-causal (chunks of 2 frames, sink 1, window 1)."""
     from vdiff import VideoPipeline
-    from vdiff.config import model_preset
+    from vdiff.config import CausalConfig, model_preset
 
-    pipe = VideoPipeline.from_model_config(model_preset("tiny", num_layers=2), seed=0)
+    extra = {"causal": CausalConfig(chunk_frames=2, sink_chunks=1, window_chunks=1)} if causal else {}
+    pipe = VideoPipeline.from_model_config(model_preset("tiny", num_layers=2, **extra), seed=0)
     return pipe.save_pretrained(path)
 
 

@@ -2,8 +2,8 @@
 
 Needs Debian's `chromium` and `chromium-driver` (.ci/install_browser.sh) and selenium. Without them the test skips
 with the reason, except under CI (CI=true), where it fails: CI must run it for real.
-The screenshot goes to test-artifacts/browser-generation.png; VDIFF_UPDATE_SCREENSHOT=1 also writes
-docs/screenshot.png (the one in the README).
+Screenshots go to test-artifacts/ (browser-generation.png: the Clip page; browser-stream.png: the Stream tab of the
+bundled causal model); VDIFF_UPDATE_SCREENSHOT=1 also writes docs/screenshot.png (the README's: the Stream tab).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _serve_helpers import decode_video, save_tiny_pipeline
 
 from serve.app import serve
-from vdiff.runtime import BUNDLED_CHECKPOINT, free_port
+from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT, BUNDLED_CHECKPOINT, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -105,12 +106,20 @@ def test_page_loads_generates_and_shows_the_video(driver, server):
     assert src and "/gradio_api/file=" in src and src.endswith(".mp4"), src
     wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 2 && arguments[0].videoWidth", video))
     cfg = server.pool.pipelines[0].config  # the page's defaults are the checkpoint's
+    scale = server.pool.display_scale  # a 16 x 16 model is shown upscaled, nearest neighbour
+    assert scale == 16
     size = driver.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", video)
-    assert size == [cfg.width, cfg.height], size
+    assert size == [cfg.width * scale, cfg.height * scale], size
     assert server.pool.status()["completed"] == completed + 1
 
-    served = server.pool.store.files()[-1]
-    assert decode_video(served).shape == (cfg.num_frames, cfg.height, cfg.width, 3)
+    link = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#vdiff-original a"))
+    original = next(p for p in server.pool.store.files() if p.name in link.get_attribute("href"))
+    frames = decode_video(original)  # the download: model resolution
+    assert frames.shape == (cfg.num_frames, cfg.height, cfg.width, 3)
+    shown = decode_video(src.split("file=", 1)[1])
+    assert shown.shape == (cfg.num_frames, cfg.height * scale, cfg.width * scale, 3)
+    block = shown[:, 5 * scale:6 * scale, 7 * scale:8 * scale].astype(int)  # one model pixel: a flat block
+    assert np.abs(block - block[:, 2:3, 2:3]).max() <= 12
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "browser-generation.png"
@@ -118,3 +127,68 @@ def test_page_loads_generates_and_shows_the_video(driver, server):
     if os.environ.get("VDIFF_UPDATE_SCREENSHOT"):
         (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+
+
+@pytest.fixture(scope="module")
+def causal_server(tmp_path_factory):
+    checkpoint = (BUNDLED_CAUSAL_CHECKPOINT if (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file()
+                  else save_tiny_pipeline(tmp_path_factory.mktemp("browser") / "tiny-causal", causal=True))
+    srv = serve(checkpoint, port=free_port(), block=False, quiet=True, max_chunks=48)
+    yield srv
+    srv.close()
+
+
+def _value(driver, css: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value") or ""
+
+
+@pytest.mark.slow
+def test_stream_tab_plays_chunks_takes_a_prompt_change_and_stops(driver, causal_server):
+    """The bundled causal model streams on the page: chunks arrive (progress line, segments in the streaming video),
+    a prompt typed while it runs takes over at the next chunk, and Stop ends the job."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    srv = causal_server
+    wait = WebDriverWait(driver, 90)
+    driver.get(srv.url)
+    prompt = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#vdiff-stream-prompt textarea")))
+    body = driver.find_element(By.TAG_NAME, "body").text
+    for label in ("Stream", "Clip", "Chunks", "Until stopped", "Stop", "Change the prompt"):
+        assert label in body, label
+    prompt.send_keys("a red circle moving right")
+    steps = driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-steps input")
+    steps.send_keys(Keys.CONTROL, "a")
+    steps.send_keys("20")
+    driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-forever input").click()
+    cancelled = srv.pool.status()["cancelled"]
+    driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-start").click()
+
+    progress = "#vdiff-stream-progress textarea"
+    wait.until(lambda d: "chunk 2 of 48" in _value(d, progress) or " of 48" in _value(d, progress)
+               and int(_value(d, progress).split()[1]) >= 2)
+    driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-next textarea").send_keys("a red circle moving up")
+    driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-change").click()
+    wait.until(lambda d: _value(d, "#vdiff-stream-notice textarea").startswith("chunk "))
+    at = int(_value(driver, "#vdiff-stream-notice textarea").split()[1].rstrip(":"))
+    wait.until(lambda d: "prompt: a red circle moving up" in _value(d, progress))  # the switched chunk arrived
+    shown = int(_value(driver, progress).split()[1])
+    assert shown >= at + 1  # chunk `at` (0-based) is the first made by the new prompt
+    wait.until(lambda d: "2 segment(s)" in _value(d, progress) or "3 segment(s)" in _value(d, progress))
+    video = driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-video video")
+    assert video.get_attribute("src") or video.get_attribute("currentSrc") or driver.execute_script(
+        "return !!arguments[0].srcObject || arguments[0].readyState > 0", video)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "browser-stream.png"
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("VDIFF_UPDATE_SCREENSHOT"):
+        shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+
+    driver.find_element(By.CSS_SELECTOR, "#vdiff-stream-stop").click()
+    wait.until(lambda d: srv.pool.status()["cancelled"] == cancelled + 1)
+    assert int(_value(driver, progress).split()[1]) < 48  # stopped before the limit

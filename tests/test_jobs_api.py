@@ -38,7 +38,7 @@ def control() -> StepControl:
 @pytest.fixture(scope="module")
 def server(checkpoint, control):
     srv = serve(checkpoint, port=free_port(), max_queue=MAX_QUEUE, max_outputs=8, block=False, quiet=True,
-                step_hooks=[control])
+                step_hooks=[control], display_scale=1)  # the page's /generate serves the frames as generated
     yield srv
     srv.close()
 

@@ -11,21 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _serve_helpers import decode_video, serving, wait_until
+from _serve_helpers import decode_video, save_tiny_pipeline, serving, wait_until
 
 from vdiff.client import APIError, VideoClient
 
 FAST = dict(num_inference_steps=2, height=32, width=32, guidance_scale=1.0)
 PROMPT, OTHER = "a red circle moving right", "a blue square moving up"
 MAX_CHUNKS = 6
-
-
-def _save_causal(path: Path) -> Path:
-    from vdiff import VideoPipeline
-    from vdiff.config import CausalConfig, model_preset
-
-    cfg = model_preset("tiny", num_layers=2, causal=CausalConfig(chunk_frames=2, sink_chunks=1, window_chunks=1))
-    return VideoPipeline.from_model_config(cfg, seed=0).save_pretrained(path)
 
 
 class ChunkGate:
@@ -45,7 +37,7 @@ class ChunkGate:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return _save_causal(tmp_path_factory.mktemp("causal") / "tiny-causal")
+    return save_tiny_pipeline(tmp_path_factory.mktemp("causal") / "tiny-causal", causal=True)
 
 
 @pytest.fixture(scope="module")

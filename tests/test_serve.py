@@ -50,7 +50,7 @@ def control() -> StepControl:
 @pytest.fixture(scope="module")
 def server(checkpoint, control):
     srv = serve(checkpoint, port=free_port(), max_queue=MAX_QUEUE, max_outputs=MAX_OUTPUTS, block=False, quiet=True,
-                step_hooks=[control])
+                step_hooks=[control], display_scale=1)  # served videos as generated (the browser test: upscaled)
     yield srv
     srv.close()
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 # The tiny ShapesWorld model that ships with the repository (no download, runs on CPU).
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes-tiny"
+BUNDLED_CAUSAL_CHECKPOINT = BUNDLED_CHECKPOINT.parent / "shapes-causal"  # the long-video model (block-causal)
 
 
 def default_device() -> torch.device:
