@@ -26,6 +26,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   test [PYTEST ARGS]    lint (ruff) and run the test suite (installs first if needed)
   sample [--checkpoint DIR] --prompt TEXT --out FILE [key=value ...]
                         generate a video (.mp4/.gif/.webm); ./launch.sh sample --help lists the settings
+                        [--nproc N] [--nodes ...as train] parallel.cfg=2 parallel.ulysses=K: one video on N = cfg x K
+                        processes (torchrun; rank 0 writes the file)
   train --config FILE [--nproc N] [--nodes N --node-rank R --master-addr HOST --master-port P] [key=value ...]
                         train with torchrun: one process per GPU (--nproc defaults to the GPU count, 1 on CPU);
                         multi-node: run the same command on every node with its --node-rank
@@ -93,8 +95,11 @@ ensure_setup() { setup; }
 
 vpy() { "$VENV/bin/python" "$@"; }
 
-# ./launch.sh train: torchrun around `python -m train`. Launcher flags are ours; everything else goes to the trainer.
-train_cmd() {
+# torchrun around a module (`train`, `vdiff.sample`). Launcher flags are ours; everything else goes to the module.
+# $1: the module; $2: its default process count when --nproc is not given ("gpus": the GPU count, 1 on CPU).
+torchrun_cmd() {
+    local module="$1" default_nproc="$2"
+    shift 2
     local nproc="" nodes=1 node_rank=0 addr=127.0.0.1 port="${MASTER_PORT:-29500}" args=()
     while [ $# -gt 0 ]; do
         case "$1" in
@@ -103,20 +108,24 @@ train_cmd() {
             --node-rank) node_rank="$2"; shift 2 ;;
             --master-addr) addr="$2"; shift 2 ;;
             --master-port) port="$2"; shift 2 ;;
-            -h|--help) vpy -m train --help; return 0 ;;
+            -h|--help) vpy -m "$module" --help; return 0 ;;
             *) args+=("$1"); shift ;;
         esac
     done
-    # The recipe and overrides are checked once here, so a typo is one line and exit 2, not a torchrun failure report.
-    vpy -m train --check "${args[@]}" || exit 2
+    # Settings are checked once here, so a typo is one line and exit 2, not a torchrun failure report.
+    vpy -m "$module" --check "${args[@]}" || exit 2
     if [ -z "$nproc" ]; then
-        nproc="$(vpy -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+        if [ "$default_nproc" = gpus ]; then
+            nproc="$(vpy -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+        else
+            nproc="$default_nproc"
+        fi
     fi
     local rdzv=(--standalone)
     if [ "$nodes" -gt 1 ]; then
         rdzv=(--nnodes "$nodes" --node-rank "$node_rank" --master-addr "$addr" --master-port "$port")
     fi
-    vpy -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$nproc" -m train "${args[@]}"
+    vpy -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$nproc" -m "$module" "${args[@]}"
 }
 
 cmd="${1:-help}"
@@ -158,11 +167,14 @@ case "$cmd" in
     sample)
         ensure_setup
         cd "$ROOT"
-        vpy -m vdiff.sample "$@" ;;
+        case " $* " in  # one video on several processes: torchrun (parallel.cfg=2 parallel.ulysses=N ...)
+            *" --nproc "*|*" --nodes "*) torchrun_cmd vdiff.sample 1 "$@" ;;
+            *) vpy -m vdiff.sample "$@" ;;
+        esac ;;
     train)
         ensure_setup
         cd "$ROOT"
-        train_cmd "$@" ;;
+        torchrun_cmd train gpus "$@" ;;
     eval)
         ensure_setup
         cd "$ROOT"

@@ -1,11 +1,14 @@
-"""Serving overhead and throughput: a request through the real server (gradio_client over loopback) vs a direct
-pipeline call doing the same work (generate + write the mp4), then throughput with 1, 2 and 4 concurrent clients.
+"""Serving overhead and throughput: a request through the real server (raw HTTP, gradio_client and the /v1/videos
+job API, over loopback) vs a direct pipeline call doing the same work (generate + write the mp4), then throughput
+with 1, 2 and 4 concurrent clients; and for a causal (long-video) model, the time to the first chunk and the steady
+interval between chunks followed over /v1/videos events vs a direct `pipe.stream` writing the same chunk files.
 
-    ./launch.sh bench serve                      # tiny preset, 16 x 32 x 32, 30 steps
-    ./launch.sh bench serve --checkpoint DIR --steps 30 --repeats 5
+    ./launch.sh bench serve                      # tiny preset, 16 x 32 x 32, 30 steps; the bundled causal model
+    ./launch.sh bench serve --checkpoint DIR --steps 30 --repeats 5 --causal-checkpoint DIR --chunks 16
 
-Goal: the server adds <= 5% to a generation's latency. One pipeline per device, so on one device throughput stays
-flat with more clients (they queue); on several GPUs it should scale with the device count.
+Goal: the server adds <= 5% to a generation's latency, and to the first chunk and the chunk interval. One pipeline
+per device, so on one device throughput stays flat with more clients (they queue); on several GPUs it should scale
+with the device count.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed requests per latency measurement")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--clients", default="1,2,4", help="comma-separated concurrent client counts")
+    p.add_argument("--causal-checkpoint", type=Path, default=None,
+                   help="causal pipeline for the stream measurement (default: the bundled checkpoints/shapes-causal, "
+                        "else a tiny random-weight causal pipeline)")
+    p.add_argument("--chunks", type=int, default=16, help="chunks per streamed video (0: skip the stream part)")
+    p.add_argument("--stream-steps", type=int, default=20, help="denoising steps per chunk when streaming")
     return p.parse_args(argv)
 
 
@@ -43,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from gradio_client import Client
 
     from serve.app import serve
+    from vdiff.client import VideoClient
 
     with tempfile.TemporaryDirectory(prefix="vdiff-bench-serve-") as tmp:
         checkpoint = args.checkpoint
@@ -50,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             from serve.demo import make_random_pipeline
 
             checkpoint = make_random_pipeline(Path(tmp) / "pipeline")
-        server = serve(checkpoint, port=free_port(), max_queue=16, block=False, quiet=True)
+        server = serve(checkpoint, port=free_port(), max_queue=16, block=False, quiet=True, display_scale=1)
         try:
             pipe = server.pool.pipelines[0]
             kw = dict(num_inference_steps=args.steps, num_frames=args.frames, height=args.size, width=args.size,
@@ -79,9 +88,15 @@ def main(argv: list[str] | None = None) -> None:
                 result = json.loads(text.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0])
                 http.get(result[0]["url"]).raise_for_status()
 
+            api = VideoClient(server.url, timeout=600)
+
+            def through_api() -> None:  # POST /v1/videos, follow its events, GET the content
+                api.generate("a red circle moving right", seed=0, **kw)
+
             times = time_alternating({"direct (generate + write mp4)": direct, "direct (generate only)": direct_no_file,
                                       "server (raw HTTP /call/generate)": through_http,
-                                      "server (gradio_client)": through_server},
+                                      "server (gradio_client)": through_server,
+                                      "server (/v1/videos job API)": through_api},
                                      warmup=1, repeats=args.repeats)
             base = statistics.median(times["direct (generate + write mp4)"])
             rows = []
@@ -95,18 +110,89 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(_throughput(server.url, n, args.requests_per_client, kw, Client))
         finally:
             server.close()
+        stream_rows = _stream_rows(args, Path(tmp)) if args.chunks > 0 else []
     print_table(rows, ["measurement", "clients", "median_s", "min_s", "overhead_pct", "overhead_min_pct", "req_per_s"],
                 title=f"serve: {args.frames}x{args.size}x{args.size}, {args.steps} steps, "
                       f"devices {server.pool.devices}")
-    overhead, client_overhead = rows[2]["overhead_pct"], rows[3]["overhead_pct"]
+    overhead, client_overhead, api_overhead = (rows[i]["overhead_pct"] for i in (2, 3, 4))
     print(f"server overhead vs a direct call (median): {overhead:+.1f}% over raw HTTP, {client_overhead:+.1f}% "
-          f"through gradio_client (goal <= 5%)")
+          f"through gradio_client, {api_overhead:+.1f}% through the /v1/videos job API (goal <= 5%)")
+    extra: dict = {}
+    if stream_rows:
+        print_table(stream_rows, ["measurement", "first_chunk_s", "chunk_interval_s", "first_chunk_overhead_pct",
+                                  "interval_overhead_pct"],
+                    title=f"stream: {args.chunks} chunks, {args.stream_steps} steps per chunk")
+        api_row = stream_rows[-1]
+        print(f"job API vs a direct pipe.stream (medians): first chunk {api_row['first_chunk_overhead_pct']:+.1f}%, "
+              f"chunk interval {api_row['interval_overhead_pct']:+.1f}% (goal <= 5%)")
+        extra = {"stream": stream_rows, "stream_first_chunk_overhead_pct": api_row["first_chunk_overhead_pct"],
+                 "stream_interval_overhead_pct": api_row["interval_overhead_pct"], "chunks": args.chunks,
+                 "stream_steps": args.stream_steps}
     write_result("serve", rows, {"checkpoint": str(args.checkpoint or "tiny random-weight pipeline (serve.demo)"),
                                  "steps": args.steps, "frames": args.frames, "size": args.size,
                                  "repeats": args.repeats, "devices": server.pool.devices,
                                  "overhead_pct": overhead, "gradio_client_overhead_pct": client_overhead,
-                                 "goal_overhead_pct": 5.0,
-                                 "torch_threads": machine_info()["torch_threads"]})
+                                 "job_api_overhead_pct": api_overhead, "goal_overhead_pct": 5.0,
+                                 "torch_threads": machine_info()["torch_threads"], **extra})
+
+
+def _stream_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Time to the first chunk and the median interval between chunks: a direct `pipe.stream` that writes each chunk
+    as the server does, vs a causal job followed over /v1/videos events (alternating, `args.repeats` each)."""
+    from serve.app import serve
+    from vdiff.client import VideoClient
+    from vdiff.pipeline_io import write_video
+    from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT
+
+    checkpoint = args.causal_checkpoint
+    if checkpoint is None and (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file():
+        checkpoint = BUNDLED_CAUSAL_CHECKPOINT
+    if checkpoint is None:
+        from vdiff import VideoPipeline
+        from vdiff.config import CausalConfig, model_preset
+
+        cfg = model_preset("tiny", causal=CausalConfig(chunk_frames=2, sink_chunks=1, window_chunks=2))
+        checkpoint = VideoPipeline.from_model_config(cfg, seed=0).save_pretrained(tmp / "causal")
+    kw = dict(num_inference_steps=args.stream_steps, guidance_scale=1.0, seed=0)
+    server = serve(checkpoint, port=free_port(), max_queue=4, block=False, quiet=True, max_chunks=args.chunks)
+    try:
+        pipe = server.pool.pipelines[0]
+        api = VideoClient(server.url, timeout=600)
+
+        def direct() -> list[float]:
+            arrivals, t0 = [], time.perf_counter()
+            for chunk in pipe.stream("a red circle moving right", num_chunks=args.chunks, **kw):
+                write_video(tmp / f"chunk-{chunk.index}.mp4", chunk.frames, pipe.config.fps)
+                arrivals.append(time.perf_counter() - t0)
+            return arrivals
+
+        def over_api() -> list[float]:
+            arrivals, t0 = [], time.perf_counter()
+            for name, _ in api.stream("a red circle moving right", num_chunks=args.chunks, **kw):
+                if name == "chunk":
+                    arrivals.append(time.perf_counter() - t0)
+            return arrivals
+
+        runs: dict[str, list[list[float]]] = {"direct pipe.stream (+ write chunk mp4)": [],
+                                              "server (/v1/videos events)": []}
+        direct(), over_api()  # warm-up
+        for _ in range(args.repeats):
+            runs["direct pipe.stream (+ write chunk mp4)"].append(direct())
+            runs["server (/v1/videos events)"].append(over_api())
+    finally:
+        server.close()
+    rows = []
+    for name, arrivals in runs.items():
+        first = statistics.median(a[0] for a in arrivals)
+        interval = statistics.median(statistics.median(b - a for a, b in zip(r[1:], r[2:])) for r in arrivals)
+        rows.append({"measurement": name, "first_chunk_s": first, "chunk_interval_s": interval,
+                     "checkpoint": str(checkpoint)})
+    for row in rows:
+        row["first_chunk_overhead_pct"] = 100 * (row["first_chunk_s"] - rows[0]["first_chunk_s"]) / rows[0][
+            "first_chunk_s"]
+        row["interval_overhead_pct"] = 100 * (row["chunk_interval_s"] - rows[0]["chunk_interval_s"]) / rows[0][
+            "chunk_interval_s"]
+    return rows
 
 
 def _throughput(url: str, clients: int, per_client: int, kw: dict, client_cls) -> dict:

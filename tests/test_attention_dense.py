@@ -76,3 +76,34 @@ def test_cuda_kernels_match_reference(kernel, dtype):
     if not status.available:
         pytest.skip(f"{kernel}: {status.reason}")
     _check(kernel, device="cuda", dtype=dtype, atol=2e-3)
+
+
+def _block_diagonal_run(length, block=16):
+    """A block-diagonal BlockMask (full blocks, no mask_mod) through the compiled callable, and its dense reference."""
+    from vdiff.attention.flex import block_mask_from_blocks, compiled_flex_attention
+
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, 1, length, 16, generator=g) for _ in range(3))
+    n = -(-length // block)
+    mask = block_mask_from_blocks(torch.eye(n, dtype=torch.bool), block, length, "cpu")
+    out = compiled_flex_attention()(q, k, v, block_mask=mask)
+    same_block = (torch.arange(length)[:, None] // block) == (torch.arange(length)[None, :] // block)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=same_block)
+    return out, ref
+
+
+def test_compiled_flex_keeps_block_lists_past_torch_recompile_limit():
+    """More shapes than torch's default recompile limit (8): every call still honours the block lists (an eager
+    fallback would compute dense attention here)."""
+    for length in range(40, 40 + 16 * 10, 16):  # 10 shapes
+        out, ref = _block_diagonal_run(length)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_flex_fails_loudly_at_its_limit(monkeypatch):
+    from vdiff.attention import flex
+
+    monkeypatch.setattr(flex, "FLEX_RECOMPILE_LIMIT", 1)
+    with pytest.raises(RuntimeError, match="VDIFF_FLEX_RECOMPILE_LIMIT"):
+        for length in (27, 29):  # shapes no other test compiles: the second is past a limit of one graph
+            _block_diagonal_run(length)

@@ -139,6 +139,10 @@ def test_two_ranks_equal_one_process(tmp_path):
             assert d["latent_scale"] > 0.1, (r, key, d)
             assert d["latent_err"] <= TOL and d["frame_err"] <= 1, (r, key, d)  # uint8 frames: rounding of equal floats
         assert res["cfg2/g1"]["notes"] and "cfg parallel had no effect" in res["cfg2/g1"]["notes"][0]
+        for key in ("cfg2/step", "ulysses2/step"):  # the step cache skips the steps one process skips
+            one, here = res[key]["pattern"]
+            assert one == here == ranks[0][key]["pattern"][1] and "S" in one and "F" in one, (r, key, res[key])
+            assert res[key]["latent_err"] <= 1e-4, (r, key, res[key])
         assert res["cfg2"]["notes"] == []
         assert res["text/embeds_err"] == 0.0
         assert res["ulysses2/odd_split"] == [27, 28]
@@ -146,6 +150,8 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert "prompt: rank 0" in res["mismatch/prompt"]
         assert "height" in res["mismatch/rejected"]
         assert res["random_seed"] == ranks[0]["random_seed"]
+        # a cancel on one rank stops every rank after the same step (no rank left waiting in an exchange)
+        assert "after step 2/" in res["cancel"] and res["cancel"].endswith("steps seen [0, 1]"), res["cancel"]
     assert ranks[0]["frames_digest"] == ranks[1]["frames_digest"]  # every rank returns the same frames
 
 
@@ -157,6 +163,38 @@ def test_cfg2_x_ulysses2_on_four_ranks_equals_one_process(tmp_path):
         for key in ("cfg2xulysses2", "cfg2xulysses2/odd"):
             assert res[key]["latent_err"] <= TOL and res[key]["frame_err"] <= 1, (r, key, res[key])
     assert len({res["frames_digest"] for res in ranks}) == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_launch_sample_nproc_writes_the_one_process_video(tmp_path):
+    """`./launch.sh sample --nproc 2 parallel.cfg=2`: torchrun underneath, rank 0 writes the file, which holds the
+    frames one process makes; a bad split is refused by --check before torchrun starts."""
+    import numpy as np
+    from _serve_helpers import decode_video
+
+    folder = _save_tiny(tmp_path / "p")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    common = ["--checkpoint", str(folder), "--prompt", "a red circle moving right", "seed=2", "guidance_scale=4"]
+    one = subprocess.run(["./launch.sh", "sample", *common, "--out", str(tmp_path / "one.mp4")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(["./launch.sh", "sample", "--nproc", "2", *common, "--out", str(tmp_path / "two.mp4"),
+                          "parallel.cfg=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 only
+    a, b = decode_video(tmp_path / "one.mp4"), decode_video(tmp_path / "two.mp4")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    bad = subprocess.run(["./launch.sh", "sample", "--nproc", "2", *common, "--out", str(tmp_path / "x.mp4"),
+                          "parallel.ring=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "parallel.ring=2: ring attention is not implemented" in bad.stderr
+    assert "torch.distributed" not in bad.stderr  # refused before torchrun
+
+
+def _free_port() -> int:
+    from vdiff.runtime import free_port
+
+    return free_port()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -189,7 +227,8 @@ def _worker(folder: str, out: str, mode: str) -> None:
         got, lat = generate(pipe, **kw)
         return {"latent_err": (lat - ref_lat).abs().max().item(), "latent_scale": ref_lat.abs().max().item(),
                 "frame_err": int(np.abs(got.videos.astype(int) - ref.videos.astype(int)).max()),
-                "notes": got.stats.parallel["notes"]}
+                "notes": got.stats.parallel["notes"],
+                "pattern": [s.cache.get("step", {}).get("pattern") for s in (ref.stats, got.stats)]}
 
     res: dict = {}
     if mode == "two":
@@ -211,12 +250,28 @@ def _worker(folder: str, out: str, mode: str) -> None:
         for name, attn in sparse.items():
             res[f"ulysses2/{name}"] = compare(sp, attention=attn, **SPARSE)
 
+        from vdiff.cache import StepCacheConfig
+
+        step = dict(num_frames=4, height=16, width=16, num_inference_steps=8,
+                    cache=[StepCacheConfig(threshold=0.6, warmup_steps=1)])
+        res["cfg2/step"] = compare(cfg2, **step)  # skip decisions from the whole video's change: same on all ranks
+        res["ulysses2/step"] = compare(sp, **{**step, "num_frames": 3, "height": 24, "width": 24})  # padded shards
+
         rep = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, text_encoder="replicate"))
         res["text/replicate"] = compare(rep, **SMALL)
         batch = ["a red circle", "a blue square", ""]
         res["text/embeds_err"] = (cfg2.parallel.encode_text(cfg2.text_encoder, batch).embeds
                                   - rep.parallel.encode_text(rep.text_encoder, batch).embeds).abs().max().item()
 
+        from vdiff.diffusion.sampling import Cancelled
+
+        seen: list[int] = []  # rank 1 alone cancels after step 1 (a server's cancel reaching one rank)
+        try:
+            cfg2("a red circle", seed=0, **SMALL,
+                 callback=lambda i, n, lat: seen.append(i) or (False if rank == 1 and i == 1 else None))
+            res["cancel"] = "no error"
+        except Cancelled as err:
+            res["cancel"] = f"{err} | steps seen {seen}"
         for key, kw in (("seed", dict(seed=rank)), ("prompt", dict(prompt=f"prompt {rank}")),
                         ("rejected", dict(height=16 if rank == 0 else 17))):
             try:

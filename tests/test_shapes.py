@@ -351,6 +351,27 @@ def test_long_clip_wraps_and_keeps_moving_at_constant_speed():
     assert np.ptp(ys) < 0.05  # no drift across the motion
 
 
+@pytest.mark.parametrize("direction", ["right", "up"])
+def test_long_clip_motion_jitter_spreads_starts_along_the_motion_axis_only(direction):
+    """motion_jitter=1 with position_jitter=0.15: starts cover the (wrapping) motion axis, and across it they stay
+    within the middle 15% of the room, as with position_jitter alone."""
+    from vdiff.data.shapes_long import render_long_clip
+
+    along, across = (1, 0) if direction == "right" else (0, 1)
+    starts = np.array([[_circular_centre(render_long_clip("red", "square", [direction], segment_frames=2,
+                                                          height=16, width=16, seed=k, position_jitter=0.15,
+                                                          motion_jitter=1.0)[0], axis) for axis in (along, across)]
+                       for k in range(64)])
+    room = 8 - 0.25 * 16 / 2  # centre +- (half the frame - half the object)
+    assert np.ptp(starts[:, 0]) > 1.6 * room  # along: spread over most of the frame (crossing its edges)
+    # across: the narrow band around the centre (+ a quarter pixel: the 4 x 4 supersampling's grid)
+    assert np.abs(starts[:, 1] - 8).max() <= 0.15 * room + 0.26
+    with pytest.raises(ValueError, match="motion_jitter"):
+        ShapesWorld(4, boundary="stop", motion_jitter=0.5)
+    with pytest.raises(ValueError, match="motion_jitter"):
+        render_long_clip("red", "square", ["up"], segment_frames=2, motion_jitter=1.5)
+
+
 def test_long_clip_direction_changes_at_segment_boundaries():
     from vdiff.data.shapes_long import render_long_clip, segment_captions
 

@@ -3,6 +3,9 @@ chunks, resume exactly, export a pipeline that streams, and refuse a bidirection
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +40,8 @@ def test_objective_is_causal_in_the_chunks(tmp_path, objective, extra):
     batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2, collate_fn=_collate)))
     preds = {}
 
-    def capture(x, t_tokens, text, chunks=None):
+    def capture(x, t_tokens, text, chunks=None, text_switch=None):
+        assert text_switch is None  # this recipe has no prompt switches
         v = trainer.model(x, t_tokens, text, return_dict=False, attention_kwargs={"chunks": chunks,
                                                                                   "mask_cache": trainer.mask_cache})[0]
         preds["v"] = v.detach()
@@ -109,3 +113,71 @@ def test_causal_objectives_need_a_causal_model():
         load_recipe("configs/train/tiny.yaml", ["train.objective=teacher_forcing"])
     with pytest.raises(ConfigError, match=r"train.context_noise must be in \[0, 1\)"):
         load_recipe("configs/train/tiny.yaml", [*CAUSAL[:1], "train.context_noise=1.5"])
+
+
+def test_shapes_world_turns_at_a_chunk_boundary():
+    """data.switch_prob: a clip turns once at a multiple of switch_every frames; frames before the turn are the
+    unturned clip's, the caption in force changes there; deterministic by (seed, index)."""
+    from vdiff.data.shapes import ShapesWorld, parse_caption
+
+    kw = dict(num_frames=16, height=16, width=16, boundary="wrap", seed=3)
+    plain, world = ShapesWorld(40, **kw), ShapesWorld(40, switch_prob=0.5, switch_every=2, **kw)
+    turned = [i for i in range(40) if world.switch(i) is not None]
+    assert 8 <= len(turned) <= 32  # about half
+    for i in turned[:5]:
+        frame, direction = world.switch(i)
+        assert frame % 2 == 0 and 2 <= frame <= 14 and world.switch(i) == (frame, direction)
+        a, b = plain.clip(i), world.clip(i)
+        np.testing.assert_array_equal(a[:frame], b[:frame])
+        assert (a[frame:] != b[frame:]).any()
+        before, after = parse_caption(world.caption_at(i, frame - 1)), parse_caption(world.caption_at(i, frame))
+        assert before[:2] == after[:2] and before[2] != after[2] == direction
+    with pytest.raises(ValueError, match="direction switches need boundary='wrap'"):
+        ShapesWorld(4, num_frames=16, switch_prob=0.5, switch_every=2)
+
+
+def test_text_switch_gives_each_chunk_its_caption():
+    """The model's text_switch: no token on the second text == the first text alone; every token on it == the second
+    text alone; block-causal, chunks before the turn do not see the second text at all."""
+    from vdiff.config import CausalConfig, model_preset
+    from vdiff.models.dit import VideoDiT
+
+    torch.manual_seed(0)
+    model = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, causal=CausalConfig(
+        chunk_frames=2, sink_chunks=0, window_chunks=1))).eval()
+    x, t = torch.randn(2, 48, 8, 4, 4), torch.tensor([500.0, 700.0])
+    first, second = torch.randn(2, 6, 384), torch.randn(2, 6, 384)
+    L = math.prod(model.token_grid((8, 4, 4)))  # 4 chunks of L / 4 tokens
+
+    def run(text, switch=None):
+        kwargs = {"text_switch": switch} if switch is not None else {}
+        with torch.no_grad():
+            return model(x, t, text, return_dict=False, attention_kwargs=kwargs)[0]
+
+    none, every = torch.zeros(2, L, dtype=torch.bool), torch.ones(2, L, dtype=torch.bool)
+    torch.testing.assert_close(run(first, (second, none)), run(first), atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(first, (second, every)), run(second), atol=1e-6, rtol=0)
+    from_chunk_2 = (torch.arange(L) // (L // 4) >= 2)[None].expand(2, -1)
+    mixed = run(first, (second, from_chunk_2))
+    torch.testing.assert_close(mixed[:, :, :4], run(first)[:, :, :4], atol=1e-6, rtol=0)  # chunks 0, 1
+    assert (mixed[:, :, 4:] - run(first)[:, :, 4:]).abs().max() > 1e-3
+
+
+def test_teacher_forcing_with_switches_marks_the_turned_chunks(tmp_path):
+    trainer = _trainer(tmp_path, "teacher_forcing", ["data.switch_prob=1.0", "data.switch_every=2",
+                                                     "data.boundary=wrap"])
+    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2, collate_fn=_collate)))
+    x0, text = trainer.clean_inputs(batch)
+    n = x0.shape[2] // 2
+    chunk_tokens = x0.shape[2] // n * math.prod(trainer.model.token_grid(x0.shape[2:])[1:])
+    second, tokens = trainer._text_switch(batch, text, n, chunk_tokens, copies=2)
+    for b, index in enumerate(batch["index"]):
+        frame, _ = trainer.switch_world.switch(int(index))
+        want = (torch.arange(2 * n).repeat_interleave(chunk_tokens) % n) >= frame // 2
+        assert torch.equal(tokens[b], want)
+        assert not torch.equal(second[b], text[b])
+    loss = trainer.compute_loss(batch, 0)
+    assert torch.isfinite(loss) and loss > 0
+    with pytest.raises(ConfigError, match="data.switch_prob > 0 trains prompt switches with train.objective"):
+        _trainer(tmp_path / "df", "diffusion_forcing", ["data.switch_prob=1.0", "data.switch_every=2",
+                                                        "data.boundary=wrap"])

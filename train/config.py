@@ -75,17 +75,28 @@ class DataConfig:
     width: int = 16
     position_jitter: float = 1.0  # shapes: fraction of the allowed start range used (0 = one centred path per caption)
     boundary: Literal["stop", "wrap"] = "stop"  # shapes: wrap = the object wraps around the frame (long video)
+    switch_prob: float = 0.0  # shapes, wrap: share of clips that turn once, at a multiple of `switch_every` frames
+    switch_every: int = 1  # (a causal model's frames per chunk: turns at chunk boundaries, one caption per segment)
+    motion_jitter: float | None = None  # shapes, wrap: start spread along the motion axis (None: position_jitter)
     root: str | None = None  # video_folder
     frame_stride: int = 1  # video_folder: take every k-th frame
     latent_cache: str | None = None
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "num_frames", "height", "width", "frame_stride"):
+        for name in ("num_samples", "num_frames", "height", "width", "frame_stride", "switch_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.position_jitter <= 1.0:
             raise ConfigError(f"data.position_jitter must be in [0, 1], got {self.position_jitter}")
+        if self.motion_jitter is not None and (self.boundary != "wrap" or not 0.0 <= self.motion_jitter <= 1.0):
+            raise ConfigError(f"data.motion_jitter must be in [0, 1] and needs data.boundary=wrap, got "
+                              f"{self.motion_jitter} with boundary={self.boundary}")
+        if not 0.0 <= self.switch_prob <= 1.0:
+            raise ConfigError(f"data.switch_prob must be in [0, 1], got {self.switch_prob}")
+        if self.switch_prob > 0 and (self.boundary != "wrap" or self.num_frames % self.switch_every):
+            raise ConfigError(f"data.switch_prob > 0 needs data.boundary=wrap and data.num_frames "
+                              f"({self.num_frames}) a multiple of data.switch_every ({self.switch_every})")
         if self.dataset == "video_folder" and not self.root:
             raise ConfigError("data.root is required when data.dataset=video_folder")
 
@@ -95,7 +106,8 @@ class DataConfig:
 
         return ShapesWorld(self.num_samples, num_frames=self.num_frames, height=self.height, width=self.width,
                            seed=self.seed, split=self.split, position_jitter=self.position_jitter,
-                           boundary=self.boundary)
+                           boundary=self.boundary, switch_prob=self.switch_prob, switch_every=self.switch_every,
+                           motion_jitter=self.motion_jitter)
 
 
 @dataclass

@@ -52,8 +52,29 @@ class CausalObjectives:
             t_noisy = timesteps_of(s)[:, None].expand(-1, x0.shape[2] * per_frame)
             t_tokens = torch.cat([t_ctx, t_noisy], dim=1)  # (B, L) per-token timesteps
             chunks = [(j, True) for j in range(n)] + [(j, False) for j in range(n)]
-        v = self.model_forward(x_in, t_tokens, text, chunks)[:, :, x0.shape[2]:]  # the noisy half
+            switch = self._text_switch(batch, text, n, per_frame * f, copies=2)
+        v = self.model_forward(x_in, t_tokens, text, chunks, switch)[:, :, x0.shape[2]:]  # the noisy half
         return flow_loss(v, x0, noise)
+
+    def _text_switch(self, batch: dict[str, Any], text: torch.Tensor, n: int, chunk_tokens: int,
+                     copies: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Clips that turn (data.switch_prob): (the new direction's caption embeddings (B, S, dim), tokens (B, L)
+        of the chunks from the turn on, in each of `copies` copies of the n chunks) for the model's text_switch, or
+        None when no clip of the batch turns. A clip whose caption was dropped (CFG) drops its second one too."""
+        world = self.switch_world
+        if world is None:
+            return None
+        turns = [world.switch(int(i)) for i in batch["index"]]
+        if all(t is None for t in turns):
+            return None
+        per = self.model_config.causal.chunk_frames * self.vae.stride[0]  # pixel frames per chunk
+        first_turned = torch.tensor([n if t is None else t[0] // per for t in turns], device=text.device)
+        second = self.encode_text([world.caption_at(int(i), world.render_kwargs["num_frames"] - 1)
+                                   for i in batch["index"]]).to(text.dtype)
+        dropped = (text == self.empty_text.to(text.dtype)).flatten(1).all(1)  # (B,) the caption was dropped
+        second = torch.where(dropped[:, None, None], text, second)
+        chunk_of = torch.arange(copies * n, device=text.device).repeat_interleave(chunk_tokens) % n  # (L,)
+        return second, chunk_of[None] >= first_turned[:, None]  # (B, S, dim), (B, L)
 
     def loss_diffusion_forcing(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Every chunk at its own noise level, all attending block-causally; loss on every chunk."""

@@ -34,7 +34,7 @@ from train.export import export_pipeline, validation_samples
 from train.objectives import CausalObjectives
 from train.report import MetricsLog, start_line, summary_text, write_rank_record
 from vdiff.attention import MaskCache
-from vdiff.config import to_dict
+from vdiff.config import ConfigError, to_dict
 from vdiff.diffusion.flow import add_noise, flow_loss, sample_sigmas, timesteps_of
 from vdiff.lora import add_lora, trainable_parameters
 from vdiff.models.dit import VideoDiT
@@ -105,6 +105,15 @@ class Trainer(CausalObjectives):
         acc.register_for_checkpointing(self.scheduler, self.ema, self.progress)
         self.checkpoints = CheckpointManager(self.out, acc, r.keep_checkpoints, before_publish)
         self.empty_text = self.encode_text([""])  # (1, S, dim): the unconditional caption for CFG dropout
+        # ShapesWorld clips that turn at a chunk boundary (data.switch_prob): teacher forcing gives each chunk its
+        # segment's caption (train.objectives._text_switch)
+        self.switch_world = recipe.data.shapes_world() if recipe.data.switch_prob > 0 else None
+        if self.switch_world is not None:
+            per = self.model_config.causal.chunk_frames * self.vae.stride[0] if self.model_config.causal else 0
+            if r.objective != "teacher_forcing" or recipe.data.switch_every % max(per, 1) or not per:
+                raise ConfigError(f"data.switch_prob > 0 trains prompt switches with train.objective=teacher_forcing "
+                                  f"and data.switch_every a multiple of a chunk's {per} frames (chunk boundaries); "
+                                  f"got objective={r.objective}, switch_every={recipe.data.switch_every}")
         self.metrics: MetricsLog | None = None
         self.seen: list[int] = []  # sample indices this rank read, in order
 
@@ -130,11 +139,15 @@ class Trainer(CausalObjectives):
         return self.vae.encode(batch["video"].to(self.device)).float(), self.encode_text(batch["caption"])
 
     def model_forward(self, x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                      chunks: list[tuple[int, bool]] | None = None) -> torch.Tensor:
+                      chunks: list[tuple[int, bool]] | None = None,
+                      text_switch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The one call of the trained model: velocity at `timesteps` (B,) or per token (B, L), in [0, 1000];
-        `chunks`: a causal model's chunk layout (None: chunks 0..n-1). (Sequence parallelism, when on, is a hook
-        installed on the model in __init__.)"""
+        `chunks`: a causal model's chunk layout (None: chunks 0..n-1); `text_switch`: a second text and the tokens
+        that attend it (clips that turn). (Sequence parallelism, when on, is a hook installed on the model in
+        __init__.)"""
         kwargs = {"mask_cache": self.mask_cache, "chunks": chunks}
+        if text_switch is not None:
+            kwargs["text_switch"] = text_switch
         return self.model(x, timesteps, text, return_dict=False, attention_kwargs=kwargs)[0]
 
     @torch.no_grad()

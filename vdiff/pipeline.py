@@ -394,6 +394,8 @@ class VideoPipeline(LoraPipelineMixin):
         use_cfg = a.guidance > 1.0
         n = len(a.prompts)
         with cache_context(a.caches, a.cache_configs) as call:
+            if self.parallel is not None and self.parallel.config.size > 1:
+                call.relative_change = self.parallel.relative_change  # caches decide alike on every rank
             t0 = time.perf_counter()
             batch = a.prompts + a.negatives if use_cfg else a.prompts  # one batch (encoded once under parallel)
             text = (self.text_encoder.encode(batch) if self.parallel is None
@@ -410,7 +412,8 @@ class VideoPipeline(LoraPipelineMixin):
             t0 = time.perf_counter()
             try:
                 result = denoise(self.transformer, noise, cond, uncond, a.scheduler, a.steps, a.guidance,
-                                 attention_kwargs=attention_kwargs, callback=callback,
+                                 attention_kwargs=attention_kwargs,
+                                 callback=callback if self.parallel is None else self.parallel.step_callback(callback),
                                  progress=bar.update if bar is not None else None,
                                  cfg_parallel=self.parallel.cfg if self.parallel is not None else None)
             finally:

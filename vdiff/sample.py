@@ -10,7 +10,10 @@ AttentionConfig fields, e.g. attention.backend=radial attention.radial.decay_fac
 text_kv | mask | step | prompt; [] for none), step.FIELD=... (StepCacheConfig: threshold, warmup_steps,
 max_consecutive_skips, indicator = first_block | modulated_input), lora=PATH (a LoRA file or folder, diffusers'
 format) with lora_scale=S (default 1), num_chunks=N (a causal model: N chunks, chunk by chunk over the causal KV
-cache). Anything not given takes the checkpoint's defaults (its vdiff.json).
+cache), parallel.FIELD=... (ParallelConfig: cfg, ulysses, text_encoder; one video on several processes under
+torchrun: `./launch.sh sample --nproc 2 parallel.cfg=2 ...`, multi-node with --nodes --node-rank --master-addr
+--master-port as for training; every rank generates its share, rank 0 writes the file). Anything not given takes the
+checkpoint's defaults (its vdiff.json). --check only checks the settings (exit 2 naming a bad one).
 
 The same command is `python -m vdiff.sample` and, once vdiff is installed, `vdiff-sample`.
 """
@@ -41,8 +44,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--stats", type=Path, default=None, help="also write the call's stats as JSON here")
+    p.add_argument("--check", action="store_true", help="check the settings and exit (0: fine, 2: a bad one)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling settings (see above)")
     return p.parse_intermixed_args(argv)
+
+
+def parallel_settings(overrides: list[str]) -> tuple[list[str], object | None]:
+    """parallel.FIELD=value settings -> (the other settings, a checked ParallelConfig or None)."""
+    from vdiff.config import ConfigError, parse_overrides
+    from vdiff.parallel import ParallelConfig
+
+    mine = [o for o in overrides if o.startswith("parallel.")]
+    if not mine:
+        return overrides, None
+    values = parse_overrides(mine)["parallel"]
+    try:
+        return [o for o in overrides if o not in mine], ParallelConfig(**values)
+    except TypeError:
+        import dataclasses
+
+        known = [f.name for f in dataclasses.fields(ParallelConfig)]
+        raise ConfigError(f"parallel: unknown setting(s) {sorted(set(values) - set(known))}; known: {known}") from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def call_kwargs(overrides: list[str]) -> tuple[dict, int | None]:
@@ -105,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides, lora, lora_scale = lora_settings(args.overrides)
+        overrides, parallel = parallel_settings(overrides)
         kwargs, fps = call_kwargs(overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -117,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix.lower() not in (".mp4", ".gif", ".webm"):
         print(f"error: --out {args.out}: use a .mp4, .gif or .webm file name", file=sys.stderr)
         return 2
+    if args.check:
+        return 0
 
     import torch
 
@@ -124,17 +151,25 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or str(default_device())
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    pipe = VideoPipeline.from_pretrained(ckpt, device=device, torch_dtype=getattr(torch, dtype_name))
+    try:
+        pipe = VideoPipeline.from_pretrained(ckpt, device=None if parallel and args.device is None else device,
+                                             torch_dtype=getattr(torch, dtype_name), parallel=parallel)
+    except ValueError as err:  # a parallel split the model or the process count cannot run
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    writer = pipe.parallel is None or pipe.parallel.is_writer
     if lora is not None:
         pipe.load_lora_weights(lora, scale=lora_scale)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     try:
         if "num_chunks" in kwargs:  # long video: num_chunks chunks of a causal model, one clip
             kwargs["num_frames"] = _chunks_to_frames(pipe, kwargs.pop("num_chunks"))
-        out = pipe(prompts, progress=True, **kwargs)
+        out = pipe(prompts, progress=writer, **kwargs)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not writer:  # every rank holds the same frames; rank 0 writes and reports
+        return 0
     paths = [args.out] if len(out.prompts) == 1 else \
         [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(out.prompts))]
     for i, path in enumerate(paths):

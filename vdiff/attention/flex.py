@@ -4,6 +4,7 @@ the capability checks, and BlockMasks built directly from block grids (no L x L 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,14 +22,35 @@ def is_cuda(device: torch.device | str | None) -> bool:
 # session or a server compiles each shape once.
 _COMPILED_FLEX = None
 
+# Each (shape, block-mask structure) is one compiled graph. Past torch's recompile limit (8 by default) dynamo would run
+# flex_attention eagerly, and eager FlexAttention applies only the mask_mod: a BlockMask built from block lists with
+# full blocks (no mask_mod) silently turns into dense attention. The limit is raised for these calls, and reaching it
+# fails loudly instead of falling back.
+FLEX_RECOMPILE_LIMIT = int(os.environ.get("VDIFF_FLEX_RECOMPILE_LIMIT", "64"))
 
-def compiled_flex_attention():
+
+def compiled_flex_attention() -> Callable:
+    """The process's compiled flex_attention, called as flex_attention(q, k, v, block_mask=...). It never runs the
+    eager (block-list-ignoring) path: reaching FLEX_RECOMPILE_LIMIT graphs raises with the setting to raise."""
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    return _run_compiled
+
+
+def _run_compiled(q, k, v, block_mask=None):
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return _COMPILED_FLEX(q, k, v, block_mask=block_mask)
+    except FailOnRecompileLimitHit as err:
+        raise RuntimeError(
+            f"compiled FlexAttention reached {FLEX_RECOMPILE_LIMIT} graphs (one per query/key shape and block-mask "
+            f"structure) in this process; set VDIFF_FLEX_RECOMPILE_LIMIT higher (its eager fallback would ignore "
+            f"the block lists)") from err
 
 
 def flex_unavailable_reason(device: torch.device | str | None) -> str | None:

@@ -29,6 +29,10 @@ class CacheCall:
     configs: dict[str, Any] = field(default_factory=dict)  # per-call config overrides, by cache name
     data: dict[Any, Any] = field(default_factory=dict)  # hook-private state, keyed by the hook object
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Under parallel generation: (new, old) -> mean|new - old| / mean|old| over every rank's share of the video
+    # (ParallelRuntime.relative_change), so caches that decide from it (the step cache) decide alike on all ranks.
+    # None: one process.
+    relative_change: Any = None
 
     def active(self, name: str) -> bool:
         return self.enabled is None or name in self.enabled

@@ -107,8 +107,13 @@ def _may_skip(st: _StepState, cfg: StepCacheConfig, step: int | None) -> bool:
 
 
 def _relative_change(call: CacheCall, new: torch.Tensor, old: torch.Tensor) -> float:
-    """mean|new - old| / mean|old|, recorded in the call's stats ("changes")."""
-    change = ((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12)).item()
+    """mean|new - old| / mean|old|, recorded in the call's stats ("changes"). Under parallel generation the sums
+    are taken over every rank's share (`call.relative_change`: the CFG branches, the Ulysses shards without padding),
+    so all ranks see the one-process value and make the same skip decision (a split decision would hang Ulysses)."""
+    if call.relative_change is not None:
+        change = call.relative_change(new, old)
+    else:
+        change = ((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12)).item()
     call.stats.setdefault("step", {}).setdefault("changes", []).append(round(change, 6))
     return change
 

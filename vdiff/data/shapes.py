@@ -372,12 +372,25 @@ class ShapesWorld(torch.utils.data.Dataset):
         distractors: int = 0,
         position_jitter: float | None = None,
         boundary: str = "stop",
+        switch_prob: float = 0.0,
+        switch_every: int = 1,
+        motion_jitter: float | None = None,
     ) -> None:
         _check_int("num_samples", num_samples, 1, 2**40)
         if boundary not in ("stop", "wrap"):
             raise ValueError(f"boundary must be 'stop' (stay inside the frame) or 'wrap' (vdiff.data.shapes_long), "
                              f"got {boundary!r}")
+        if motion_jitter is not None and (boundary != "wrap" or not 0.0 <= motion_jitter <= 1.0):
+            raise ValueError(f"motion_jitter (the start spread along the motion axis) needs boundary='wrap' and a "
+                             f"value in [0, 1], got {motion_jitter} with boundary={boundary!r}")
+        self.motion_jitter = motion_jitter
+        if not 0.0 <= switch_prob <= 1.0:
+            raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
+        if switch_prob > 0 and (boundary != "wrap" or num_frames % switch_every or num_frames // switch_every < 2):
+            raise ValueError(f"direction switches need boundary='wrap' and num_frames={num_frames} a multiple of "
+                             f"switch_every={switch_every} with at least 2 segments")
         self.boundary = boundary
+        self.switch_prob, self.switch_every = float(switch_prob), int(switch_every)
         _check_int("seed", seed, 0, 2**63 - 1)
         self.combinations = split_combinations(split)
         self.num_samples = int(num_samples)
@@ -408,6 +421,26 @@ class ShapesWorld(torch.utils.data.Dataset):
         combo = self.combinations[int(rng.integers(len(self.combinations)))]
         return combo, int(rng.integers(2**31 - 1))
 
+    def switch(self, index: int) -> tuple[int, str] | None:
+        """(frame, new direction) where item `index` turns (a multiple of `switch_every`, at least one segment in),
+        or None: with probability `switch_prob`, a pure function of (seed, index); the caption names the first
+        direction, `caption_at(index, frame)` the one in force at a frame."""
+        if self.switch_prob <= 0:
+            return None
+        rng = np.random.default_rng([self.seed, int(index), 1])
+        if rng.random() >= self.switch_prob:
+            return None
+        segments = self.render_kwargs["num_frames"] // self.switch_every
+        (_, _, direction), _ = self.spec(index)
+        turned = [d for d in DIRECTIONS if d != direction]
+        return int(rng.integers(1, segments)) * self.switch_every, turned[int(rng.integers(len(turned)))]
+
+    def caption_at(self, index: int, frame: int) -> str:
+        """The caption in force at `frame` of item `index` (after a switch: the new direction's)."""
+        (colour, shape, direction), _ = self.spec(index)
+        turn = self.switch(index)
+        return caption(colour, shape, turn[1] if turn is not None and frame >= turn[0] else direction)
+
     def clip(self, index: int) -> np.ndarray:
         """Item `index` as uint8 [T, H, W, 3] (the evaluator's layout)."""
         (colour, shape, direction), clip_seed = self.spec(index)
@@ -415,9 +448,13 @@ class ShapesWorld(torch.utils.data.Dataset):
             from vdiff.data.shapes_long import render_long_clip
 
             kw = self.render_kwargs
-            return render_long_clip(colour, shape, [direction], segment_frames=kw["num_frames"], height=kw["height"],
+            turn = self.switch(index)
+            every = self.switch_every if turn is not None else kw["num_frames"]
+            directions = [turn[1] if turn is not None and k * every >= turn[0] else direction
+                          for k in range(kw["num_frames"] // every)]
+            return render_long_clip(colour, shape, directions, segment_frames=every, height=kw["height"],
                                     width=kw["width"], seed=clip_seed, size=kw["size"], speed=kw["speed"],
-                                    position_jitter=kw["position_jitter"])
+                                    position_jitter=kw["position_jitter"], motion_jitter=self.motion_jitter)
         return render_clip(colour, shape, direction, seed=clip_seed, **self.render_kwargs)
 
     def __getitem__(self, index: int) -> dict:

@@ -33,9 +33,13 @@ REFERENCE_FRAMES = 16  # a wrap clip moves as fast per frame as a default 16-fra
 
 def render_long_clip(colour: str, shape: str, directions: Sequence[str], *, segment_frames: int, height: int = 16,
                      width: int = 16, seed: int = 0, size: float | None = None, speed: float | None = None,
-                     position_jitter: float | None = None) -> np.ndarray:
+                     position_jitter: float | None = None, motion_jitter: float | None = None) -> np.ndarray:
     """A wrap-around clip of len(directions) segments of `segment_frames` frames each, segment k moving
-    directions[k] -> np.uint8 [len(directions) * segment_frames, H, W, 3]."""
+    directions[k] -> np.uint8 [len(directions) * segment_frames, H, W, 3].
+
+    position_jitter: how far from the centre the start is drawn, as a fraction of the room on each axis (default 1);
+    motion_jitter (default: position_jitter) replaces it along the first segment's motion axis, which wraps: 1 spreads
+    starts over the whole axis (clips cross the edge) while the other axis stays near the centre."""
     if not directions:
         raise ValueError("directions must name at least one segment's direction")
     for d in directions:
@@ -46,11 +50,16 @@ def render_long_clip(colour: str, shape: str, directions: Sequence[str], *, segm
     if side < MIN_SIDE_PX:
         raise ValueError(f"size={size} gives a {side:.1f}-pixel object in a {height}x{width} frame; shapes need at "
                          f"least {MIN_SIDE_PX} pixels")
+    if motion_jitter is not None and not 0.0 <= motion_jitter <= 1.0:
+        raise ValueError(f"motion_jitter must be in [0, 1], got {motion_jitter}")
     rng = np.random.default_rng([seed, 0x10C6])
     half = side / 2
     # Start anywhere along the motion axes (they wrap), inside across them; jitter narrows around the centre.
-    cx = width / 2 + (rng.uniform(-1, 1) * jitter) * (width / 2 - half)
-    cy = height / 2 + (rng.uniform(-1, 1) * jitter) * (height / 2 - half)
+    horizontal = DIRECTION_VECTORS[directions[0]][0] != 0
+    jx, jy = (jitter, jitter) if motion_jitter is None else \
+        ((motion_jitter, jitter) if horizontal else (jitter, motion_jitter))
+    cx = width / 2 + (rng.uniform(-1, 1) * jx) * (width / 2 - half)
+    cy = height / 2 + (rng.uniform(-1, 1) * jy) * (height / 2 - half)
     rgb = np.asarray(COLOURS[colour], dtype=np.float32)
     frames = np.empty((len(directions) * segment_frames, height, width, 3), dtype=np.uint8)
     t = 0

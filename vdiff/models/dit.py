@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +47,16 @@ WAN_TEXT_LEN = 512
 # --------------------------------------------------------------------------------------------------------------------
 # Conditioning: timestep -> adaLN modulation, text (and image) projection
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSwitch:
+    """Two texts in one forward (training prompt switches, `attention_kwargs["text_switch"]`): tokens where
+    `second_tokens` (B, L) is True attend `second`, the others `first` (both projected, (B, S, D))."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    second_tokens: torch.Tensor
 
 
 class ConditionEmbedder(nn.Module):
@@ -182,6 +193,13 @@ class VideoDiTBlock(nn.Module):
     ) -> torch.Tensor:
         return self.forward_modulated(x, self.modulated_input(x, temb), context, temb, rope, ctx)
 
+    def cross_attention(self, h: torch.Tensor, context: torch.Tensor | TextSwitch) -> torch.Tensor:
+        """Attention of tokens h (B, L, D) to the text; with a TextSwitch each token to its own text."""
+        if isinstance(context, TextSwitch):
+            first, second = self.attn2(h, context.first), self.attn2(h, context.second)
+            return torch.where(context.second_tokens[..., None], second, first)
+        return self.attn2(h, context)
+
     def forward_modulated(
         self,
         x: torch.Tensor,  # (B, L, D)
@@ -198,7 +216,7 @@ class VideoDiTBlock(nn.Module):
         x = (x.float() + self.attn1(modulated.type_as(x), rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
 
         h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2(h, context)  # (B, L, D)
+        x = x + self.cross_attention(h, context)  # (B, L, D)
 
         h = (self.norm3(x.float()) * (1 + scale_ff) + shift_ff).type_as(x)
         x = (x.float() + self.ffn(h).float() * gate_ff).type_as(x)  # (B, L, D)
@@ -225,7 +243,7 @@ class VideoDiT(DiffusersInterop, ModelMixin, ConfigMixin):
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     # attention_kwargs a forward takes; `chunks` / `kv_cache` are for causal models (vdiff.models.causal)
-    ATTENTION_KWARGS = ("attention", "step", "timestep", "stats", "mask_cache", "chunks", "kv_cache")
+    ATTENTION_KWARGS = ("attention", "step", "timestep", "stats", "mask_cache", "chunks", "kv_cache", "text_switch")
 
     @register_to_config
     def __init__(
@@ -324,6 +342,11 @@ class VideoDiT(DiffusersInterop, ModelMixin, ConfigMixin):
         temb_proj = temb_proj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, L, 6, D)
         if image is not None:
             context = torch.cat([image, context], dim=1)  # (B, S_img + S, D)
+        switch = (attention_kwargs or {}).get("text_switch")  # (second text (B, S, text_dim), its tokens (B, L))
+        if switch is not None:
+            second = self.condition_embedder.text_embedder(switch[0].type_as(encoder_hidden_states))
+            second = torch.cat([image, second], dim=1) if image is not None else second
+            context = TextSwitch(context, second, switch[1].to(torch.bool))
 
         # Sparse backends want space-time neighbours in the same kernel block: reorder once, restore at the end.
         # A causal model attends chunk by chunk in frame-major order (each backend restricts its own pattern to the
@@ -339,6 +362,8 @@ class VideoDiT(DiffusersInterop, ModelMixin, ConfigMixin):
             x, rope = x[:, perm], (rope[0][perm], rope[1][perm])
             if temb.ndim == 3:
                 temb, temb_proj = temb[:, perm], temb_proj[:, perm]
+            if isinstance(context, TextSwitch):
+                context = dataclasses.replace(context, second_tokens=context.second_tokens[:, perm])
 
         for i, block in enumerate(self.blocks):
             run = functools.partial(block, context=context, temb=temb_proj, rope=rope, ctx=ctx.for_layer(i))

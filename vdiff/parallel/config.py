@@ -7,6 +7,7 @@ cfg       1 or 2: the two classifier-free-guidance branches on two ranks (one ex
 ulysses   Ulysses sequence parallel degree; must divide the model's attention heads
 vae       1 (a decode split over the latent height is not implemented yet; refused with the reason)
 text_encoder  "rank0" (rank 0 encodes, the embeddings are broadcast) or "replicate" (every rank encodes)
+ring      1 (ring attention is not implemented; refused with the reason)
 
 The device mesh is (replica, cfg, ulysses) in row-major order (vdiff.parallel.mesh): Ulysses ranks consecutive (one
 node, the most traffic), the CFG axis outside them, replicas outermost.
@@ -40,8 +41,14 @@ class ParallelConfig:
     ulysses: int = 1
     vae: int = 1
     text_encoder: str = "rank0"
+    ring: int = 1
 
     def __post_init__(self) -> None:
+        if self.ring != 1:
+            raise ValueError(f"parallel.ring={self.ring!r}: ring attention is not implemented (it would split dense "
+                             "attention's keys over ranks, and sparse backends cannot be ringed); valid values: 1. Use "
+                             "parallel.ulysses (a divisor of the model's heads) for sequence parallelism, with "
+                             "parallel.cfg=2 for the guidance branches")
         for name in ("cfg", "ulysses", "vae"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -9,6 +9,7 @@ Per call, in this order:
    fingerprint of the request (one all_gather over gloo). A rank that rejected it, or a request that differs (seed,
    size, prompt, ...), raises on EVERY rank before step 0, never a hang. A random seed is rank 0's.
 2. `encode_text`: rank 0 encodes and broadcasts the embeddings ("rank0"), or every rank encodes ("replicate").
+   `step_callback`: a callback returning False on any rank (a cancel) stops every rank after the same step.
 3. CFG parallel (`CfgExchange`, used by `denoise`): the rank with cfg coordinate 0 runs the conditional branch, 1 the
    unconditional one; one all_gather of v per step; each rank steps its own scheduler on identical inputs.
 4. Ulysses (`PaddedSequenceParallel`, the training hooks of vdiff.parallel.sequence): any token count. Entering the
@@ -16,7 +17,8 @@ Per call, in this order:
    the padding is trimmed, so every attention backend sees exactly the L real tokens (the result equals one
    process); the padding is restored before the inverse all-to-all and trimmed again when the tokens are gathered
    for the output head. Padded rows only pass through per-token layers and are never attended to.
-The VAE decodes the whole video on every rank (parallel.vae=1).
+The VAE decodes the whole video on every rank (parallel.vae=1). The step cache decides from `relative_change`,
+the same number on every rank, so all ranks skip the same steps.
 """
 
 from __future__ import annotations
@@ -125,9 +127,6 @@ class ParallelRuntime:
         error, fields, args = None, {}, None
         try:
             args = resolve()
-            if self.config.size > 1 and "step" in args.caches:
-                raise ValueError("cache: the step cache's skip decisions are not yet shared across parallel ranks; "
-                                 "leave 'step' out under parallel.cfg / parallel.ulysses > 1")
             fields = request_fields(args, seed_given)
         except Exception as err:  # reported to every rank below, then re-raised here
             error = err
@@ -150,6 +149,32 @@ class ParallelRuntime:
         if not seed_given:
             args = dataclasses.replace(args, seed=everyone[0]["seed"])
         return args
+
+    def relative_change(self, new: torch.Tensor, old: torch.Tensor) -> float:
+        """mean|new - old| / mean|old| over the whole video: this rank's rows without Ulysses padding, summed over
+        every rank of the video (one all_reduce of two numbers), so every rank gets the same value, the one a single
+        process computes over its [cond | uncond] batch (up to summation order)."""
+        if self.sequence is not None:  # (B, L_local, D): the real rows of this rank's shard
+            local = new.shape[1]
+            real = max(0, min(local, self.sequence.length - self.sequence.rank * local))
+            new, old = new[:, :real], old[:, :real]
+        sums = torch.stack([(new - old).abs().sum(), old.abs().sum()]).double().cpu()
+        dist.all_reduce(sums, group=self.mesh.control)
+        return float(sums[0] / sums[1].clamp_min(1e-12))
+
+    def step_callback(self, callback: Callable[[int, int, torch.Tensor], Any] | None) -> Callable | None:
+        """The denoising loop's callback on every rank of the video: each rank runs `callback`, then the ranks agree
+        (one all_reduce over the control group per step) whether any asked to stop, so all stop after the same step.
+        A rank that stopped alone would leave the others waiting in the next step's exchange."""
+        if self.config.size == 1:
+            return callback
+
+        def step(index: int, num_steps: int, latents: torch.Tensor) -> bool | None:
+            stop = torch.tensor([int(callback is not None and callback(index, num_steps, latents) is False)])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.mesh.control)
+            return False if stop.item() else None
+
+        return step
 
     def encode_text(self, encoder: Any, prompts: list[str]) -> Any:
         """The encoder's TextEmbeddings of `prompts`, computed once on rank 0 and broadcast ("rank0"), or here."""
