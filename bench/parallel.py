@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                        "peak_mem_mib", "max_diff"],
                 title=f"parallel: tiny model ({args.layers} layers), {args.frames} x {args.size} x {args.size}, "
                       f"{args.steps} steps, guidance 4, {args.threads} thread(s) per process")
-    path = write_result("parallel", rows, meta=vars(args))
-    print(f"wrote {path}")
+    write_result("parallel", rows, meta=vars(args))
 
 
 if __name__ == "__main__":
