@@ -189,9 +189,10 @@ class Job:
         return at
 
     def add_listener(self, fn: Callable[[], None]) -> None:
-        """`fn()` is called (from the worker thread) when the job starts, after each step, and when it ends."""
+        """`fn()` is called (from the worker thread) when the job starts, after each step, and when it ends. A job
+        that has already started (or ended) calls it once now, so a listener added after `submit` misses nothing."""
         self._listeners.append(fn)
-        if self.done:
+        if self.started_at is not None or self.done:
             fn()
 
     def wait(self, timeout: float | None = None) -> JobResult:

@@ -16,8 +16,8 @@ from _serve_helpers import HOLD, StepControl, decode_video, save_tiny_pipeline, 
 
 from serve.api import MAX_BODY_BYTES, add_api
 from serve.app import QUEUE_KWARGS, build_app, launch_kwargs, serve
-from serve.jobs import JobStore
-from serve.validation import limits_for
+from serve.jobs import JobStore, VideoJob
+from serve.validation import limits_for, validate_request
 from vdiff.client import APIError, JobFailed, VideoClient
 from vdiff.runtime import free_port
 
@@ -140,6 +140,19 @@ def test_models_names_the_checkpoint_and_its_limits(server, client):
 # ---------------------------------------------------------------------------------------------------------------------
 # Cancel, disconnect, flood
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_job_that_started_before_its_record_existed_reads_in_progress(server, control):
+    """The pool's worker may start a job before the API wraps it in a VideoJob (the CI race of stop 25): the record
+    must still see the start, not stay 'queued' until the next step."""
+    request = validate_request(limits_for(server.pool.pipelines[0]), prompt=f"{HOLD} started first", seed=1, **FAST)
+    job = server.pool.submit(request)
+    assert wait_until(control.held.is_set, timeout=60)  # running, held at step 0: no further notice until released
+    vj = VideoJob(job, "tiny-pipeline")
+    assert vj.status == "in_progress" and vj.started_at is not None
+    control.release.set()
+    job.wait(timeout=60)
+    assert vj.status == "completed" and vj.progress == 100
 
 
 def test_delete_of_a_running_job_frees_the_worker_for_the_next(server, client, control):

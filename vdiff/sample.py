@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 # Settings that go to VideoPipeline.__call__ as they are; fps and step.* are handled here.
 CALL_KEYS = {"num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "negative_prompt",
@@ -157,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # a parallel split the model or the process count cannot run
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _generate(args, pipe, kwargs, fps, lora, lora_scale)
+    finally:
+        if pipe.parallel is not None:
+            pipe.parallel.close()  # every rank waits for rank 0's file, then leaves the process group together
+
+
+def _generate(args: argparse.Namespace, pipe: Any, kwargs: dict, fps: Any, lora: Any, lora_scale: float) -> int:
     writer = pipe.parallel is None or pipe.parallel.is_writer
     if lora is not None:
         pipe.load_lora_weights(lora, scale=lora_scale)

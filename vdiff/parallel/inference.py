@@ -99,6 +99,7 @@ class ParallelRuntime:
 
     def __init__(self, config: ParallelConfig, transformer: torch.nn.Module):
         config.check_model(dict(transformer.config))
+        self.owns_group = not dist.is_initialized()  # close() ends a process group only when this runtime began it
         init_distributed()
         self.config = config
         self.mesh = ParallelMesh(config, replicas=1)
@@ -116,6 +117,16 @@ class ParallelRuntime:
     def is_writer(self) -> bool:
         """True on the one rank that should write files (global rank 0)."""
         return self.rank == 0
+
+    def close(self) -> None:
+        """Wait for every rank of the video (rank 0 may still be writing it), then end the process group if this
+        runtime started it. A rank that leaves with gloo's threads still running aborts ("terminate called without an
+        active exception"), so a script under torchrun calls this before it exits."""
+        if not dist.is_initialized():
+            return
+        dist.barrier(group=self.mesh.control)
+        if self.owns_group:
+            dist.destroy_process_group()
 
     # ---------------------------------------------------------------------------------------------------------------
     # One call
