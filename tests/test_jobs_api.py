@@ -75,7 +75,9 @@ def test_create_then_events_then_content(server, client, tmp_path):
     r = _post(server, {"prompt": "a red circle moving right", "seed": 7, **FAST, "num_inference_steps": 3})
     assert r.status_code == 201, r.text
     job = r.json()
-    assert job["status"] == "queued" and job["progress"] == 0 and job["seed"] == 7
+    # a snapshot: the idle worker may already have started the job before the reply was written
+    assert job["status"] in ("queued", "in_progress", "completed") and job["seed"] == 7
+    assert job["status"] != "queued" or job["progress"] == 0
     assert job["id"].startswith("video_") and len(job["id"]) >= 20
     assert str(server.pool.store.root) not in r.text  # outputs are reachable only through their job
 

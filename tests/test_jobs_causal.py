@@ -94,7 +94,8 @@ def _close(video: np.ndarray, frames: np.ndarray) -> None:
 
 def test_chunks_arrive_as_events_and_downloads_while_the_job_runs(client, gate, direct):
     job = client.create(PROMPT + " [gate]", num_chunks=4, seed=5, **FAST)
-    assert job["num_chunks"] == 4 and job["chunks_done"] == 0 and job["status"] == "queued"
+    # a snapshot: the idle worker may already run the job, but the gate holds it before chunk 2
+    assert job["num_chunks"] == 4 and job["chunks_done"] <= 2 and job["status"] in ("queued", "in_progress")
     assert gate.waiting.wait(60)  # held at the first step of chunk 2: chunks 0 and 1 exist, the job runs
     now = client.retrieve(job["id"])
     assert now["status"] == "in_progress" and now["chunks_done"] == 2 and 0 < now["progress"] < 100
