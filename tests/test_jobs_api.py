@@ -153,8 +153,8 @@ def test_a_job_that_started_before_its_record_existed_reads_in_progress(server, 
     vj = VideoJob(job, "tiny-pipeline")
     assert vj.status == "in_progress" and vj.started_at is not None
     control.release.set()
-    job.wait(timeout=60)
-    assert vj.status == "completed" and vj.progress == 100
+    job.wait(timeout=60)  # returns when the job is done, possibly before its listeners have run
+    assert wait_until(lambda: vj.status == "completed", timeout=10) and vj.progress == 100
 
 
 def test_delete_of_a_running_job_frees_the_worker_for_the_next(server, client, control):
