@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,11 @@ def test_bad_degrees_name_the_valid_values():
         ParallelConfig(cfg=2, ulysses=2).check(12, world_size=2)
     with pytest.raises(ValueError, match=r"parallel.cfg must be 1 or 2"):
         ParallelConfig(cfg=3)
-    with pytest.raises(ValueError, match=r"parallel.vae=2: .*not implemented.*valid values: 1"):
+    with pytest.raises(ValueError, match=r"parallel.vae=2 must divide the ranks of one video \(cfg=1 x ulysses=1 = "
+                                         r"1\); valid values: 1"):
         ParallelConfig(vae=2)
+    with pytest.raises(ValueError, match=r"parallel.vae=4 must divide .* = 6\); valid values: 1, 2, 3, 6"):
+        ParallelConfig(cfg=2, ulysses=3, vae=4)
     with pytest.raises(ValueError, match=r"text_encoder must be one of \['rank0', 'replicate'\]"):
         ParallelConfig(text_encoder="rank1")
     with pytest.raises(ValueError, match=r"parallel.ulysses must be an int >= 1"):
@@ -64,6 +68,25 @@ def test_bad_degrees_fail_before_the_weights_load(tmp_path, monkeypatch):
         VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(ulysses=3))
     with pytest.raises(ValueError, match=r"cfg=2 x ulysses=1 = 2 ranks, but 1 processes are running"):
         VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2))
+    # a Wan VAE folder (its config alone: no weights) cannot be split over the height: refused with the reason
+    wan = tmp_path / "wan"
+    shutil.copytree(folder, wan)
+    (wan / "vae" / "vae_config.json").unlink()
+    (wan / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the degrees fit: the VAE is what is refused
+    with pytest.raises(ValueError, match=r"parallel.vae=2: this VAE cannot be split over the latent height "
+                                         r"\(AutoencoderKLWan's decoder runs a self-attention over every position"):
+        VideoPipeline.from_pretrained(wan, parallel=ParallelConfig(cfg=2, vae=2))
+
+
+def test_height_bands_cover_the_rows_once():
+    from vdiff.parallel.vae import bands
+
+    assert bands(5, 2) == [(0, 3), (3, 5)]
+    assert bands(12, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert bands(7, 7) == [(i, i + 1) for i in range(7)]
+    with pytest.raises(ValueError, match=r"parallel.vae=4: the latents have 3 rows"):
+        bands(3, 4)
 
 
 @pytest.mark.parametrize("world, cfg, ulysses", [(8, 2, 4), (8, 1, 2), (16, 2, 8), (16, 2, 2), (72, 2, 4),
@@ -133,7 +156,9 @@ def _run(folder: Path, out: Path, nproc: int, mode: str) -> list[dict]:
 def test_two_ranks_equal_one_process(tmp_path):
     ranks = _run(_save_tiny(tmp_path / "p"), tmp_path, 2, "two")
     for r, res in enumerate(ranks):
-        for key in ("cfg2", "cfg2/g1", "ulysses2/dense", "ulysses2/odd", "ulysses2/radial", "ulysses2/sliding_tile",
+        assert res["vae2/decode_err"] == 0.0  # the pixel VAE: the bands are the same numbers
+        for key in ("cfg2", "cfg2/g1", "vae2", "vae2/odd", "ulysses2/dense", "ulysses2/odd", "ulysses2/radial",
+                    "ulysses2/sliding_tile",
                     "ulysses2/vmoba", "text/replicate"):
             d = res[key]
             assert d["latent_scale"] > 0.1, (r, key, d)
@@ -160,7 +185,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_cfg2_x_ulysses2_on_four_ranks_equals_one_process(tmp_path):
     ranks = _run(_save_tiny(tmp_path / "p"), tmp_path, 4, "four")
     for r, res in enumerate(ranks):
-        for key in ("cfg2xulysses2", "cfg2xulysses2/odd"):
+        for key in ("cfg2xulysses2", "cfg2xulysses2/odd", "cfg2xulysses2/vae4"):
             assert res[key]["latent_err"] <= TOL and res[key]["frame_err"] <= 1, (r, key, res[key])
     assert len({res["frames_digest"] for res in ranks}) == 1
 
@@ -206,6 +231,7 @@ def _worker(folder: str, out: str, mode: str) -> None:
     import hashlib
 
     import numpy as np
+    import torch
     import torch.distributed as dist
 
     from vdiff import ParallelConfig
@@ -257,6 +283,14 @@ def _worker(folder: str, out: str, mode: str) -> None:
         res["cfg2/step"] = compare(cfg2, **step)  # skip decisions from the whole video's change: same on all ranks
         res["ulysses2/step"] = compare(sp, **{**step, "num_frames": 3, "height": 24, "width": 24})  # padded shards
 
+        vae2 = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, vae=2))
+        res["vae2"] = compare(vae2, **SMALL)
+        res["vae2/odd"] = compare(vae2, **ODD)
+        g = torch.Generator().manual_seed(3)
+        lat = torch.randn(2, plain.vae.latent_channels, 3, 5, 4, generator=g)
+        # 5 latent rows: bands of 3 and 2
+        res["vae2/decode_err"] = (vae2.parallel.decode(vae2.vae, lat) - plain.vae.decode(lat)).abs().max().item()
+
         rep = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, text_encoder="replicate"))
         res["text/replicate"] = compare(rep, **SMALL)
         batch = ["a red circle", "a blue square", ""]
@@ -283,6 +317,8 @@ def _worker(folder: str, out: str, mode: str) -> None:
         both = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, ulysses=2))
         res["cfg2xulysses2"] = compare(both, **SMALL)
         res["cfg2xulysses2/odd"] = compare(both, **ODD)
+        res["cfg2xulysses2/vae4"] = compare(VideoPipeline.from_pretrained(
+            folder, parallel=ParallelConfig(cfg=2, ulysses=2, vae=4)), **ODD)  # 6 latent rows: bands 2, 2, 1, 1
         video, _ = generate(both, **SMALL)
         res["frames_digest"] = hashlib.sha256(video.videos.tobytes()).hexdigest()
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, default=float))

@@ -48,6 +48,7 @@ from vdiff.models.text import HFTextEncoder, minilm_text_encoder
 from vdiff.models.vae import PixelPatchVAE, WanVAE, load_vae
 from vdiff.outputs import PipelineStats, VideoOutput
 from vdiff.parallel.inference import ParallelConfig, ParallelRuntime, parallel_device
+from vdiff.parallel.vae import check_vae_folder, split_halo
 from vdiff.pipeline_io import (
     PipelineConfig,
     atomic_folder,
@@ -96,6 +97,8 @@ class VideoPipeline(LoraPipelineMixin):
         self._lock = threading.Lock()
         self._installed: dict[str, CacheConfig] = {}  # hooks on the model now
         self._defaults: list[str] = []  # caches used when a call passes cache=None
+        if parallel is not None and parallel.vae > 1:
+            split_halo(vae)  # a VAE that cannot be split is refused here, not after the denoising
         self.parallel = ParallelRuntime(parallel, self.transformer) if parallel is not None else None
         for name in self.config.cache:
             self.enable_cache(name)
@@ -142,6 +145,7 @@ class VideoPipeline(LoraPipelineMixin):
         scheduler = load_scheduler(path / "scheduler")  # before the weights: a folder without one fails at once
         if parallel is not None:
             parallel.check_model(VideoDiT.load_config(path / "transformer"))  # bad degrees fail before the weights
+            check_vae_folder(path / "vae", parallel.vae)
             device = parallel_device() if device is None else device
         transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=dtype)
         if config.text_encoder == "minilm":
@@ -386,7 +390,11 @@ class VideoPipeline(LoraPipelineMixin):
         resolve = functools.partial(self._resolve, prompt, negative_prompt, num_frames, height, width,
                                     num_inference_steps, guidance_scale, seed, attention, cache, callback, sampler,
                                     shift)
-        a = resolve() if self.parallel is None else self.parallel.agree(resolve, seed_given=seed is not None)
+        if self.parallel is not None:
+            a = self.parallel.agree(lambda: self.parallel.check_decode(resolve(), self.vae),
+                                    seed_given=seed is not None)
+        else:
+            a = resolve()
         stats = PipelineStats() if self.parallel is None else self.parallel.stats(a.guidance)
         latent_fhw = self.vae.latent_shape(a.num_frames, a.height, a.width)  # (F', H', W')
         stats.grid = self.transformer.token_grid(latent_fhw)
@@ -426,7 +434,8 @@ class VideoPipeline(LoraPipelineMixin):
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            video = self.vae.decode(result.latents)  # (B, 3, T, H, W)
+            video = (self.vae.decode(result.latents) if self.parallel is None
+                     else self.parallel.decode(self.vae, result.latents))  # (B, 3, T, H, W)
         videos = to_uint8(video)  # (B, T, H, W, 3)
         stats.decode_s = time.perf_counter() - t0
         stats.total_s = time.perf_counter() - t_start

@@ -5,7 +5,8 @@ before a weight is read (degrees against the model's heads and against the numbe
 
 cfg       1 or 2: the two classifier-free-guidance branches on two ranks (one exchange of v per step)
 ulysses   Ulysses sequence parallel degree; must divide the model's attention heads
-vae       1 (a decode split over the latent height is not implemented yet; refused with the reason)
+vae       ranks that split the VAE decode over the latent height (a divisor of cfg x ulysses; vdiff.parallel.vae):
+          exact for the pixel VAE; AutoencoderKLWan is refused with the reason
 text_encoder  "rank0" (rank 0 encodes, the embeddings are broadcast) or "replicate" (every rank encodes)
 ring      1 (ring attention is not implemented; refused with the reason)
 
@@ -56,9 +57,10 @@ class ParallelConfig:
         if self.cfg not in (1, 2):
             raise ValueError(f"parallel.cfg must be 1 or 2 (the conditional and the unconditional branch), "
                              f"got {self.cfg}")
-        if self.vae != 1:
-            raise ValueError(f"parallel.vae={self.vae}: a decode split over the latent height is not implemented "
-                             "yet; valid values: 1 (every rank decodes the whole video)")
+        if self.size % self.vae:
+            valid = ", ".join(str(d) for d in divisors(self.size))
+            raise ValueError(f"parallel.vae={self.vae} must divide the ranks of one video (cfg={self.cfg} x "
+                             f"ulysses={self.ulysses} = {self.size}); valid values: {valid}")
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ValueError(f"parallel.text_encoder must be one of {list(TEXT_ENCODER_MODES)}, "
                              f"got {self.text_encoder!r}")

@@ -17,7 +17,8 @@ Per call, in this order:
    the padding is trimmed, so every attention backend sees exactly the L real tokens (the result equals one
    process); the padding is restored before the inverse all-to-all and trimmed again when the tokens are gathered
    for the output head. Padded rows only pass through per-token layers and are never attended to.
-The VAE decodes the whole video on every rank (parallel.vae=1). The step cache decides from `relative_change`,
+5. `decode`: with parallel.vae = k, k ranks split the decode over the latent height (vdiff.parallel.vae), else every
+   rank decodes the whole video. The step cache decides from `relative_change`,
 the same number on every rank, so all ranks skip the same steps.
 """
 
@@ -37,6 +38,7 @@ from vdiff.outputs import PipelineStats
 from vdiff.parallel.config import ParallelConfig, divisors
 from vdiff.parallel.mesh import ParallelMesh, init_distributed, parallel_device
 from vdiff.parallel.sequence import SequenceParallel, apply_sequence_parallel
+from vdiff.parallel.vae import SplitDecode, bands
 
 __all__ = ["CfgExchange", "PaddedSequenceParallel", "ParallelConfig", "ParallelRuntime",
            "parallel_device"]
@@ -109,6 +111,10 @@ class ParallelRuntime:
         if config.ulysses > 1:
             self.sequence = PaddedSequenceParallel(self.mesh.groups["ulysses"])
             apply_sequence_parallel(transformer, self.sequence)
+        self.split_decode = None
+        if config.vae > 1:
+            ranks = self.mesh.vae_ranks
+            self.split_decode = SplitDecode(self.mesh.vae_group, ranks.index(self.rank), len(ranks))
 
     def __repr__(self) -> str:
         return f"ParallelRuntime({self.config}, {self.mesh})"
@@ -197,6 +203,16 @@ class ParallelRuntime:
         dist.broadcast_object_list(box, src=self.mesh.video_ranks[0], group=self.mesh.control)
         device = encoder.device if hasattr(encoder, "device") else torch.device("cpu")
         return dataclasses.replace(box[0], embeds=box[0].embeds.to(device), mask=box[0].mask.to(device))
+
+    def check_decode(self, args: Any, vae: Any) -> Any:
+        """`args` (a resolved request) if its latent height can be split over the VAE ranks, else ValueError."""
+        if self.split_decode is not None:
+            bands(vae.latent_shape(args.num_frames, args.height, args.width)[1], self.split_decode.size)
+        return args
+
+    def decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The video of `latents` on every rank: split over the latent height (parallel.vae > 1) or whole."""
+        return vae.decode(latents) if self.split_decode is None else self.split_decode.decode(vae, latents)
 
     def stats(self, guidance: float) -> PipelineStats:
         info: dict[str, Any] = {"cfg": self.config.cfg, "ulysses": self.config.ulysses, "vae": self.config.vae,

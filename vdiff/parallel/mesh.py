@@ -116,6 +116,14 @@ class ParallelMesh:
             group = dist.new_group(members, backend=backend)
             if rank in members:
                 self.video_ranks, self.control = members, group
+        # the VAE split (parallel.vae = k): consecutive runs of k ranks inside each video
+        self.vae_ranks, self.vae_group = [rank], None
+        if config.vae > 1:
+            for start in range(0, world, config.vae):
+                members = list(range(start, start + config.vae))
+                group = dist.new_group(members)
+                if rank in members:
+                    self.vae_ranks, self.vae_group = members, group
 
     def __repr__(self) -> str:
         return f"ParallelMesh(shape={self.layout.shape}, rank={self.rank}, coords={self.coords})"
