@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from vdiff.config import ConfigError
+from vdiff.parallel.spawn import dispatched
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections of every block
@@ -200,6 +201,7 @@ class LoraPipelineMixin:
             scales.setdefault(name, 1.0)
         return scales
 
+    @dispatched
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
         """Load a LoRA (diffusers' format, or any Wan LoRA layout diffusers converts) and activate it at `scale`
         next to the adapters already active. Returns the adapter's name."""
@@ -211,6 +213,7 @@ class LoraPipelineMixin:
             self.transformer.set_adapters(list(scales), list(scales.values()))
         return name
 
+    @dispatched
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
         """Activate exactly these adapters, with these scales (default 1 each); the others stay loaded, inactive."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -222,15 +225,18 @@ class LoraPipelineMixin:
             self.transformer.set_adapters(names, weights)
             self.__dict__["_lora_scales"] = {n: float(w) for n, w in zip(names, weights)}
 
+    @dispatched
     def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
         """Merge the active adapters (times `lora_scale`) into the weights."""
         with self._lock:
             self.transformer.fuse_lora(lora_scale=lora_scale, adapter_names=adapter_names)
 
+    @dispatched
     def unfuse_lora(self) -> None:
         with self._lock:
             self.transformer.unfuse_lora()
 
+    @dispatched
     def unload_lora_weights(self) -> None:
         """Remove every adapter. Unfused adapters leave the base weights untouched; fused ones stay in them."""
         with self._lock:

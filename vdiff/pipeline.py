@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import secrets
 import threading
 import time
@@ -48,6 +49,7 @@ from vdiff.models.text import HFTextEncoder, minilm_text_encoder
 from vdiff.models.vae import PixelPatchVAE, WanVAE, load_vae
 from vdiff.outputs import PipelineStats, VideoOutput
 from vdiff.parallel.inference import ParallelConfig, ParallelRuntime, parallel_device
+from vdiff.parallel.spawn import FOLLOWER_ENV, dispatched, rank_device, spawn_group
 from vdiff.parallel.vae import check_vae_folder, split_halo
 from vdiff.pipeline_io import (
     PipelineConfig,
@@ -143,10 +145,31 @@ class VideoPipeline(LoraPipelineMixin):
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(f"{path}: no transformer/ folder")
         scheduler = load_scheduler(path / "scheduler")  # before the weights: a folder without one fails at once
+        leader = None
         if parallel is not None:
-            parallel.check_model(VideoDiT.load_config(path / "transformer"))  # bad degrees fail before the weights
+            spawn = parallel.launch == "spawn" and not os.environ.get(FOLLOWER_ENV)
+            # bad degrees fail before the weights (and before any process starts)
+            parallel.check_model(VideoDiT.load_config(path / "transformer"), parallel.size if spawn else None)
             check_vae_folder(path / "vae", parallel.vae)
+            if spawn:
+                load = {"torch_dtype": str(dtype).removeprefix("torch."), **config_overrides}
+                leader = spawn_group(parallel, path, load)  # ranks 1..N-1 load this folder; this process is rank 0
+                device = rank_device(parallel, 0)
             device = parallel_device() if device is None else device
+        try:
+            pipe = cls._load(path, config, scheduler, dtype, device, parallel)
+        except BaseException:
+            if leader is not None:
+                leader.kill()
+            raise
+        if leader is not None:
+            leader.attach()  # from here on, dispatched calls run on every rank
+            pipe.parallel.leader = leader
+        return pipe
+
+    @classmethod
+    def _load(cls, path: Path, config: PipelineConfig, scheduler: Any, dtype: torch.dtype,
+              device: str | torch.device | None, parallel: ParallelConfig | None) -> VideoPipeline:
         transformer = VideoDiT.from_pretrained(path / "transformer", torch_dtype=dtype)
         if config.text_encoder == "minilm":
             text_encoder = minilm_text_encoder(config.text_max_length)
@@ -231,6 +254,7 @@ class VideoPipeline(LoraPipelineMixin):
     # Caches
     # ---------------------------------------------------------------------------------------------------------------
 
+    @dispatched
     def enable_cache(self, cache: str | CacheConfig) -> None:
         """Install a cache hook and use it in every call that passes cache=None (name or config object)."""
         cfg = cache_config(cache)
@@ -238,6 +262,7 @@ class VideoPipeline(LoraPipelineMixin):
         if cfg.name not in self._defaults:
             self._defaults.append(cfg.name)
 
+    @dispatched
     def disable_cache(self, name: str | None = None) -> None:
         """Remove one cache hook (or all, with None)."""
         names = list(self._installed) if name is None else [cache_config(name).name]
@@ -349,6 +374,7 @@ class VideoPipeline(LoraPipelineMixin):
     # Sampling
     # ---------------------------------------------------------------------------------------------------------------
 
+    @dispatched
     def __call__(
         self,
         prompt: str | Sequence[str],

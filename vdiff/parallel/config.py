@@ -9,6 +9,9 @@ vae       ranks that split the VAE decode over the latent height (a divisor of c
           exact for the pixel VAE; AutoencoderKLWan is refused with the reason
 text_encoder  "rank0" (rank 0 encodes, the embeddings are broadcast) or "replicate" (every rank encodes)
 ring      1 (ring attention is not implemented; refused with the reason)
+launch    "torchrun" (every rank runs the script) or "spawn" (the caller is rank 0 and starts the others on loopback:
+          vdiff.parallel.spawn)
+devices   with launch="spawn": one device per rank ("cuda:0+cuda:1" or a sequence; default cuda:RANK, or the CPU)
 
 The device mesh is (replica, cfg, ulysses) in row-major order (vdiff.parallel.mesh): Ulysses ranks consecutive (one
 node, the most traffic), the CFG axis outside them, replicas outermost.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TEXT_ENCODER_MODES = ("rank0", "replicate")
+LAUNCHERS = ("torchrun", "spawn")
 
 
 def divisors(n: int) -> list[int]:
@@ -43,8 +47,12 @@ class ParallelConfig:
     vae: int = 1
     text_encoder: str = "rank0"
     ring: int = 1
+    launch: str = "torchrun"
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        devices = self.devices.split("+") if isinstance(self.devices, str) else self.devices
+        object.__setattr__(self, "devices", tuple(str(d).strip() for d in devices if str(d).strip()))
         if self.ring != 1:
             raise ValueError(f"parallel.ring={self.ring!r}: ring attention is not implemented (it would split dense "
                              "attention's keys over ranks, and sparse backends cannot be ringed); valid values: 1. Use "
@@ -61,6 +69,13 @@ class ParallelConfig:
             valid = ", ".join(str(d) for d in divisors(self.size))
             raise ValueError(f"parallel.vae={self.vae} must divide the ranks of one video (cfg={self.cfg} x "
                              f"ulysses={self.ulysses} = {self.size}); valid values: {valid}")
+        if self.launch not in LAUNCHERS:
+            raise ValueError(f"parallel.launch must be one of {list(LAUNCHERS)}, got {self.launch!r}")
+        if self.devices and self.launch != "spawn":
+            raise ValueError("parallel.devices is for launch='spawn' (under torchrun each rank uses cuda:LOCAL_RANK)")
+        if self.devices and len(self.devices) != self.size:
+            raise ValueError(f"parallel.devices: {len(self.devices)} devices ({'+'.join(self.devices)}) for "
+                             f"cfg={self.cfg} x ulysses={self.ulysses} = {self.size} ranks; give one per rank")
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ValueError(f"parallel.text_encoder must be one of {list(TEXT_ENCODER_MODES)}, "
                              f"got {self.text_encoder!r}")

@@ -99,8 +99,9 @@ class CfgExchange:
 class ParallelRuntime:
     """One rank's share of a parallel pipeline: the mesh, the hooks on the transformer, the per-call protocol."""
 
-    def __init__(self, config: ParallelConfig, transformer: torch.nn.Module):
+    def __init__(self, config: ParallelConfig, transformer: torch.nn.Module, leader: Any = None):
         config.check_model(dict(transformer.config))
+        self.leader = leader  # launch="spawn", rank 0: the follower processes (vdiff.parallel.spawn.Leader)
         self.owns_group = not dist.is_initialized()  # close() ends a process group only when this runtime began it
         init_distributed()
         self.config = config
@@ -128,6 +129,9 @@ class ParallelRuntime:
         """Wait for every rank of the video (rank 0 may still be writing it), then end the process group if this
         runtime started it. A rank that leaves with gloo's threads still running aborts ("terminate called without an
         active exception"), so a script under torchrun calls this before it exits."""
+        if self.leader is not None:
+            self.leader.close()  # the followers leave with it; the group ends
+            return
         if not dist.is_initialized():
             return
         dist.barrier(group=self.mesh.control)
