@@ -3,6 +3,7 @@
     python -m serve --checkpoint checkpoints/shapes-tiny            # http://127.0.0.1:7860
     python -m serve --demo                                          # the bundled tiny model (see --help)
     VDIFF_AUTH=user:secret python -m serve --checkpoint DIR --host 0.0.0.0
+    python -m serve --checkpoint DIR --groups cuda:0+cuda:1,cuda:2+cuda:3 --parallel cfg=2   # 2 requests x 2 GPUs
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", default=None,
                    help="comma-separated devices, one pipeline and one concurrent generation each "
                         "(default: every GPU, else cpu)")
+    p.add_argument("--groups", default=None,
+                   help="worker groups instead of --devices: devices joined by '+' form one group that generates "
+                        "one video at a time split by --parallel; groups are separated by ',' (e.g. "
+                        "cuda:0+cuda:1,cuda:2+cuda:3: two requests at a time, each on two GPUs; a group of one "
+                        "device is a plain worker)")
+    p.add_argument("--parallel", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="how a multi-device group splits a video: cfg=2, ulysses=K, vae=K, text_encoder=rank0|"
+                        "replicate (their product cfg x ulysses must equal the group's device count)")
     p.add_argument("--max-queue", type=int, default=8,
                    help="requests that may wait for a free device; more are answered 'busy, retry' (default 8)")
     p.add_argument("--max-outputs", type=int, default=64,
@@ -125,12 +134,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --lora {args.lora}: no such file or folder", file=sys.stderr)
         return 2
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    groups = parallel = None
+    try:
+        if args.groups is not None:
+            if devices is not None:
+                raise ValueError("--groups and --devices are exclusive: a group of one device is a plain worker")
+            from serve.groups import group_config, parse_groups, parse_parallel
+
+            groups, parallel = parse_groups(args.groups), parse_parallel(args.parallel or [])
+            for group in groups:
+                if len(group) > 1:
+                    group_config(parallel, group)
+        elif args.parallel is not None:
+            raise ValueError("--parallel needs --groups (the devices each split video runs on)")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if banner:
         print("[demo] " + banner.replace("**", ""), flush=True)
     serve(checkpoint, host=args.host, port=args.port, devices=devices, max_queue=args.max_queue,
           max_outputs=args.max_outputs, max_tokens=args.max_tokens, max_steps=args.max_steps, auth=auth,
           banner=banner, block=True, lora=args.lora, lora_scale=args.lora_scale, max_chunks=args.max_chunks,
-          display_scale=args.display_scale)
+          display_scale=args.display_scale, groups=groups, parallel=parallel)
     return 0
 
 

@@ -302,17 +302,21 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 7860, 
           max_queue: int = 8, max_outputs: int = 64, max_tokens: int | None = None, max_steps: int = DEFAULT_MAX_STEPS,
           auth: tuple[str, str] | None = None, banner: str | None = None, block: bool = True, quiet: bool = False,
           step_hooks: Sequence[StepHook] = (), lora: str | Path | None = None, lora_scale: float = 1.0,
-          max_chunks: int = DEFAULT_MAX_CHUNKS, display_scale: int | None = None) -> RunningServer:
+          max_chunks: int = DEFAULT_MAX_CHUNKS, display_scale: int | None = None,
+          groups: Sequence[Sequence[str]] | None = None, parallel: dict[str, Any] | None = None) -> RunningServer:
     """Load the checkpoint once per device, build the page and serve it on host:port.
 
     With block=False it returns at once (tests, benchmarks); otherwise it serves until interrupted. `lora`: an
     adapter every pipeline loads at start (the operator's choice; requests cannot name one). `max_chunks`: a causal
     model's longest video per request; `display_scale`: the page's nearest-neighbour upscale (None: automatic).
+    `groups` (instead of `devices`) + `parallel`: worker groups of several devices, one request each (serve.groups).
     """
     pool = WorkerPool.from_pretrained(checkpoint, devices, lora=lora, lora_scale=lora_scale, max_queue=max_queue,
-                                      store=OutputStore(max_files=max_outputs), step_hooks=step_hooks)
+                                      store=OutputStore(max_files=max_outputs), step_hooks=step_hooks,
+                                      groups=groups, parallel=parallel)
     try:
-        limits = limits_for(pool.pipelines[0], pool.devices[0], max_tokens=max_tokens, max_steps=max_steps,
+        first = pool.devices[0].split("+")[0]  # a group "cuda:0+cuda:1": its rank 0's device
+        limits = limits_for(pool.pipelines[0], first, max_tokens=max_tokens, max_steps=max_steps,
                             max_chunks=max_chunks, display_scale=display_scale)
         pool.display_scale = limits.display_scale
         app = build_app(pool, limits, banner=banner, title=f"vdiff: {Path(checkpoint).name}")

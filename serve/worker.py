@@ -254,11 +254,19 @@ class WorkerPool:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, devices: Sequence[str] | None = None, *,
-                        lora: str | Path | None = None, lora_scale: float = 1.0, **kwargs: Any) -> WorkerPool:
+                        lora: str | Path | None = None, lora_scale: float = 1.0,
+                        groups: Sequence[Sequence[str]] | None = None, parallel: dict[str, Any] | None = None,
+                        **kwargs: Any) -> WorkerPool:
         """Load one pipeline per device (all GPUs by default, else the CPU) once, with the LoRA adapter `lora` when
-        given, and start the workers."""
+        given, and start the workers. `groups` (instead of devices): lists of devices, each served as one device by
+        `parallel` (ParallelConfig fields, e.g. {"cfg": 2}) over its ranks (serve.groups)."""
         from vdiff import VideoPipeline
 
+        if groups is not None:
+            from serve.groups import group_pipelines
+
+            pipelines, labels = group_pipelines(checkpoint, groups, parallel or {}, lora=lora, lora_scale=lora_scale)
+            return cls(pipelines, labels, **kwargs)
         devices = list(devices) if devices else default_devices()
         pipelines = []
         for device in devices:
@@ -315,6 +323,9 @@ class WorkerPool:
             job._cancel.set()
         for thread in self._threads:
             thread.join(timeout)
+        for pipe in self.pipelines:
+            if hasattr(pipe, "close"):
+                pipe.close()  # a GroupPipeline: its host process and the group's ranks
         self.store.close()
 
     def __enter__(self) -> WorkerPool:

@@ -126,7 +126,8 @@ class Leader:
 
     def describe_exit(self, rank: int) -> str:
         proc = self.procs[rank - 1]
-        tail = self.logs[rank - 1].read_text(errors="replace")[-1500:] if self.logs[rank - 1].exists() else ""
+        text = self.logs[rank - 1].read_text(errors="replace") if self.logs[rank - 1].exists() else ""
+        tail = "\n".join(line for line in text.splitlines() if line.strip() and "it/s]" not in line)[-1500:]
         return f"rank {rank} exit status {proc.returncode}" + (f"; its log ends:\n{tail}" if tail else "")
 
     def close(self, timeout: float = 60.0) -> None:
