@@ -162,6 +162,31 @@ class Leader:
                 proc.wait()
 
 
+def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """The default way a follower starts: a child process running `argv` (its output in `log_path`)."""
+    with open(log_path, "w") as out:
+        return subprocess.Popen([sys.executable, *argv], env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+# How followers start: a callable (argv, env, log_path) -> a handle with pid, poll(), returncode, wait(timeout)
+# and kill(), like subprocess.Popen. serve/ray_app.py swaps in Ray actors (`use_starter`).
+_STARTER: list[Callable[..., Any]] = [start_process]
+
+
+class use_starter:  # noqa: N801 (a context manager used as a statement)
+    """`with use_starter(fn): VideoPipeline.from_pretrained(..., parallel=ParallelConfig(launch="spawn"))`."""
+
+    def __init__(self, starter: Callable[..., Any]):
+        self.starter = starter
+
+    def __enter__(self) -> None:
+        _STARTER.append(self.starter)
+
+    def __exit__(self, *exc: Any) -> None:
+        _STARTER.pop()
+
+
 def spawn_group(config: ParallelConfig, folder: str | Path, load_kwargs: dict[str, Any]) -> Leader:
     """Start ranks 1..N-1 on loopback and initialise this process as rank 0 of the group (gloo on CPU, NCCL on GPUs
     plus gloo for control). `load_kwargs`: what the followers pass to `VideoPipeline.from_pretrained` (JSON-able)."""
@@ -176,13 +201,11 @@ def spawn_group(config: ParallelConfig, folder: str | Path, load_kwargs: dict[st
     procs, logs = [], []
     spec = json.dumps({"config": {**asdict(config), "devices": list(config.devices)}, "load": load_kwargs})
     for rank in range(1, config.size):
-        env = {**os.environ, FOLLOWER_ENV: "1", "RANK": str(rank), "WORLD_SIZE": str(config.size),
+        env = {FOLLOWER_ENV: "1", "RANK": str(rank), "WORLD_SIZE": str(config.size),
                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(config.size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         logs.append(logs_dir / f"rank{rank}.log")
-        with open(logs[-1], "w") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "vdiff.parallel.spawn", str(folder), spec],
-                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(_STARTER[-1](["-m", "vdiff.parallel.spawn", str(folder), spec], env, logs[-1]))
     leader = Leader(config, procs, logs)
     try:
         _init_group(0, config.size, port, rank_device(config, 0))

@@ -1,0 +1,59 @@
+"""serve/ray_app.py on a local Ray instance (CPU): two replicas of one rank each behind Ray Serve's HTTP proxy
+answer concurrent /generate requests with the one-process video (the same frames through the same encoder), bad
+input gets a 400 naming the field, and both replicas serve (their /v1/status pids)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import numpy as np
+import pytest
+from _serve_helpers import decode_video, save_tiny_pipeline
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.mark.slow
+def test_two_replicas_on_ray_serve_generate_the_one_process_video(tmp_path):
+    from ray import serve
+
+    from serve.ray_app import build_app
+    from vdiff import VideoPipeline
+    from vdiff.runtime import free_port
+
+    folder = save_tiny_pipeline(tmp_path / "p")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(folder, min_replicas=2, max_replicas=2), route_prefix="/", name="vdiff")
+        body = {"prompt": "a red circle moving right", "seed": 3, "num_inference_steps": 2, "num_frames": 4,
+                "height": 32, "width": 32, "guidance_scale": 2.0}
+
+        def post(i: int) -> httpx.Response:
+            return httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=300)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(post, range(4)))
+        # The known answer: the one-process video written by the same encoder decodes to the same frames.
+        pipe = VideoPipeline.from_pretrained(folder)
+        pipe(**body).save(tmp_path / "direct.mp4")
+        pipe(**{**body, "seed": 4}).save(tmp_path / "other.mp4")
+        ref = decode_video(tmp_path / "direct.mp4")
+        for i, r in enumerate(answers):
+            assert r.status_code == 200 and r.headers["content-type"] == "video/mp4", (i, r.text[:300])
+            assert json.loads(r.headers["x-vdiff-stats"])["seed"] == 3
+            path = tmp_path / f"v{i}.mp4"
+            path.write_bytes(r.content)
+            np.testing.assert_array_equal(decode_video(path), ref)
+        assert np.abs(ref.astype(np.float32) - decode_video(tmp_path / "other.mp4")).mean() > 10
+        bad = httpx.post(f"http://127.0.0.1:{port}/generate", json={**body, "num_frames": 10 ** 6}, timeout=60)
+        assert bad.status_code == 400 and "num_frames" in bad.json()["error"]
+        pids = {httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=30).json()["pid"] for _ in range(24)}
+        assert len(pids) == 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()
