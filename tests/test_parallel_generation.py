@@ -1,6 +1,7 @@
 """One video on several processes (vdiff.parallel.inference): CFG parallel and Ulysses under real gloo processes equal
-one process; the text encoder runs once; a request that differs between ranks raises on every rank; bad degrees fail
-before any weight loads; mesh layouts of 8, 16 and 72 ranks under torch's fake process group."""
+one process; a causal model streams under cfg=2 as in one process; the text encoder runs once; a request that
+differs between ranks raises on every rank; bad degrees fail before any weight loads; mesh layouts of 8, 16 and 72
+ranks under torch's fake process group."""
 
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ def test_bad_degrees_name_the_valid_values():
         ParallelConfig(text_encoder="rank1")
     with pytest.raises(ValueError, match=r"parallel.ulysses must be an int >= 1"):
         ParallelConfig(ulysses=0)
+    with pytest.raises(ValueError, match=r"parallel.devices must be devices joined by '\+'"):
+        ParallelConfig(launch="spawn", devices=1)
+
+    from vdiff.config import ConfigError
+    from vdiff.sample import parallel_settings
+
+    with pytest.raises(ConfigError, match=r"parallel: unknown setting\(s\) \['degree'\]; known: \['cfg', "):
+        parallel_settings(["parallel.degree=2", "parallel.cfg=2"])
+    with pytest.raises(ConfigError, match=r"parallel.cfg must be 1 or 2"):  # a known field: its own message
+        parallel_settings(["parallel.cfg=3"])
+    assert parallel_settings(["seed=1", "parallel.cfg=2"]) == (["seed=1"], ParallelConfig(cfg=2))
 
 
 def test_bad_degrees_fail_before_the_weights_load(tmp_path, monkeypatch):
@@ -170,6 +182,13 @@ def test_two_ranks_equal_one_process(tmp_path):
             assert res[key]["latent_err"] <= 1e-4, (r, key, res[key])
         assert res["cfg2"]["notes"] == []
         assert res["text/embeds_err"] == 0.0
+        for key in ("causal/cached", "causal/reference", "causal/live_switch"):  # each rank one branch's K/V
+            assert res[key]["latent_scale"] > 0.1 and res[key]["latent_err"] <= TOL, (r, key, res[key])
+        assert res["causal/call_frame_err"] <= 1 and res["causal/call_notes"] == []
+        # rank 1 alone cancels at its 4th step (chunk 1, step 0): both ranks stop after the same step
+        assert "at chunk 1, after step 1/3" in res["causal/cancel"], res["causal/cancel"]
+        assert res["causal/cancel"].endswith("| 4 steps seen"), res["causal/cancel"]
+        assert "ulysses=2: a causal (chunk-by-chunk) model generates under cfg=2" in res["causal/ulysses"]
         assert res["ulysses2/odd_split"] == [27, 28]
         assert "seed: rank 0 = 0, rank 1 = 1" in res["mismatch/seed"]
         assert "prompt: rank 0" in res["mismatch/prompt"]
@@ -194,7 +213,7 @@ def test_cfg2_x_ulysses2_on_four_ranks_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_launch_sample_nproc_writes_the_one_process_video(tmp_path):
     """`./launch.sh sample --nproc 2 parallel.cfg=2`: torchrun underneath, rank 0 writes the file, which holds the
-    frames one process makes; a bad split is refused by --check before torchrun starts."""
+    frames one process makes; so does `--nodes 2` on loopback; a bad split is refused by --check before torchrun."""
     import numpy as np
     from _serve_helpers import decode_video
 
@@ -210,6 +229,16 @@ def test_launch_sample_nproc_writes_the_one_process_video(tmp_path):
     assert two.stdout.count("wrote ") == 1  # rank 0 only
     a, b = decode_video(tmp_path / "one.mp4"), decode_video(tmp_path / "two.mp4")
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # two "nodes" of one process each on loopback (--nodes 2 --node-rank R): the same video, written once by rank 0
+    nodes = ["--nodes", "2", "--nproc", "1", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    procs = [subprocess.Popen(["./launch.sh", "sample", *nodes, "--node-rank", str(r), *common, "--out",
+                               str(tmp_path / f"node{r}.mp4"), "parallel.cfg=2"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert not (tmp_path / "node1.mp4").exists()
+    c = decode_video(tmp_path / "node0.mp4")
+    assert c.shape == a.shape and np.abs(a.astype(int) - c.astype(int)).max() <= 1
     bad = subprocess.run(["./launch.sh", "sample", "--nproc", "2", *common, "--out", str(tmp_path / "x.mp4"),
                           "parallel.ring=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "parallel.ring=2: ring attention is not implemented" in bad.stderr
@@ -306,6 +335,7 @@ def _worker(folder: str, out: str, mode: str) -> None:
             res["cancel"] = "no error"
         except Cancelled as err:
             res["cancel"] = f"{err} | steps seen {seen}"
+        res.update(_causal_under_cfg2(Path(out), rank))
         for key, kw in (("seed", dict(seed=rank)), ("prompt", dict(prompt=f"prompt {rank}")),
                         ("rejected", dict(height=16 if rank == 0 else 17))):
             try:
@@ -323,6 +353,62 @@ def _worker(folder: str, out: str, mode: str) -> None:
         res["frames_digest"] = hashlib.sha256(video.videos.tobytes()).hexdigest()
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, default=float))
     dist.destroy_process_group()
+
+
+def _causal_under_cfg2(out: Path, rank: int) -> dict:
+    """A causal model under cfg=2 vs one process: the cached stream (each rank its branch's K/V), the reference (the
+    whole history recomputed), a prompt switch given by the call and one added on rank 0 alone while the stream runs,
+    pipe(...) collecting the stream, a cancel on rank 1 alone, ulysses refused."""
+    import numpy as np
+    import torch
+
+    from vdiff import ParallelConfig
+    from vdiff.config import CausalConfig, model_preset
+    from vdiff.diffusion.sampling import Cancelled
+    from vdiff.pipeline import PipelineConfig, VideoPipeline
+
+    folder = out / "causal"
+    if rank == 0:
+        model = model_preset("tiny", num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64,
+                             causal=CausalConfig(chunk_frames=2, sink_chunks=1, window_chunks=1))
+        config = PipelineConfig(num_frames=8, height=16, width=16, num_inference_steps=3, guidance_scale=3.0,
+                                text_max_length=16, cache=["text_kv", "causal_kv"], context_noise=0.1)
+        VideoPipeline.from_model_config(model, config=config, seed=0).save_pretrained(folder)
+    torch.distributed.barrier()
+    one = VideoPipeline.from_pretrained(folder)
+    two = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2))
+    prompt, switch = "a red circle moving right", {2: "a blue square moving up"}
+
+    def err(kw: dict, live: bool = False) -> dict:
+        ref = [c.latents for c in one.stream(prompt, seed=3, num_chunks=4, prompts=dict(switch), **kw)]
+        asked: dict = {} if live else dict(switch)
+        got = []
+        for c in two.stream(prompt, seed=3, num_chunks=4, prompts=asked, **kw):
+            got.append(c.latents)
+            if live and rank == 0 and c.index == 0:
+                asked[2] = switch[2]  # steering on rank 0 (the caller / server) reaches rank 1
+        return {"latent_err": max((x - y).abs().max().item() for x, y in zip(got, ref)),
+                "latent_scale": min(x.abs().max().item() for x in ref)}
+
+    res = {"causal/cached": err({}), "causal/reference": err({"cache": ["text_kv"]}),
+           "causal/live_switch": err({}, live=True)}
+    a = one(prompt, seed=4, num_frames=6)
+    b = two(prompt, seed=4, num_frames=6)
+    res["causal/call_frame_err"] = int(np.abs(a.videos.astype(int) - b.videos.astype(int)).max())
+    res["causal/call_notes"] = b.stats.parallel.get("notes")
+    seen: list[int] = []
+    try:
+        two(prompt, seed=0, num_frames=6,
+            callback=lambda i, n, lat: seen.append(i) or (False if rank == 1 and len(seen) == 4 else None))
+        res["causal/cancel"] = "no error"
+    except Cancelled as exc:
+        res["causal/cancel"] = f"{exc} | {len(seen)} steps seen"
+    try:
+        VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(ulysses=2))
+        res["causal/ulysses"] = "no error"
+    except ValueError as exc:
+        res["causal/ulysses"] = str(exc)
+    return res
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """ParallelConfig(launch="spawn"): the calling process is rank 0 and starts the other ranks on loopback. Run as a
 script in its own process (it becomes a process-group member), as a notebook would: the spawned cfg=2 pipeline
 equals one process, a cancel on the leader stops every rank, cache changes reach the followers, an idle group
-outlives the collective timeout (heartbeats), a dead follower fails the next call with its exit status, and close()
-ends every follower."""
+outlives the collective timeout (heartbeats), close() ends every follower, a causal model's call runs on both ranks,
+and a dead follower fails the next call with its exit status."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def test_spawned_group_equals_one_process_and_follows_the_leader(tmp_path):
     assert res["step_cache"]["err"] <= 1e-4
     assert res["idle_heartbeats"] >= 5 and res["after_idle_err"] <= 1e-5, res  # idle 25 s > the 20 s timeout
     assert res["exit_codes"] == [0]
+    assert res["causal_frame_err"] <= 1  # uint8 rounding of equal floats
+    assert res["causal_kv_bytes"][1] * 2 == res["causal_kv_bytes"][0] > 0  # rank 0 holds the conditional K/V only
+    assert "stream(): a launch='spawn' group runs only whole calls" in res["causal_stream"]
     assert "rank(s) [1] of the spawned group have exited" in res["dead"] and "exit status -9" in res["dead"]
 
 
@@ -108,7 +111,26 @@ def _script(folder: str, out: str) -> None:
     pipe.parallel.close()
     res["exit_codes"] = [p.returncode for p in procs]
 
-    again = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2, launch="spawn"))  # after close
+    # a second group after close, of a causal model: pipe(...) streams the chunks on both ranks; stream() is refused
+    from vdiff.config import CausalConfig, model_preset
+    from vdiff.pipeline import PipelineConfig
+
+    causal = Path(out).parent / "causal"
+    model = model_preset("tiny", num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64,
+                         causal=CausalConfig(chunk_frames=2, sink_chunks=1, window_chunks=1))
+    config = PipelineConfig(num_frames=6, height=16, width=16, num_inference_steps=2, guidance_scale=3.0,
+                            text_max_length=16, cache=["text_kv", "causal_kv"])
+    VideoPipeline.from_model_config(model, config=config, seed=0).save_pretrained(causal)
+    again = VideoPipeline.from_pretrained(causal, parallel=ParallelConfig(cfg=2, launch="spawn"))
+    one = VideoPipeline.from_pretrained(causal)("a red circle", seed=2)
+    two = again("a red circle", seed=2)
+    res["causal_frame_err"] = int(np.abs(one.videos.astype(int) - two.videos.astype(int)).max())
+    res["causal_kv_bytes"] = [o.stats.cache["causal_kv"]["kv_bytes"] for o in (one, two)]
+    try:
+        next(again.stream("a red circle", num_chunks=2))
+        res["causal_stream"] = "no error"
+    except ValueError as err:
+        res["causal_stream"] = str(err)
     again.parallel.leader.procs[0].kill()
     again.parallel.leader.procs[0].wait()
     try:

@@ -240,10 +240,21 @@ class VideoPipeline(LoraPipelineMixin):
         from vdiff.streaming import check_stream_args, stream_chunks
 
         switches = check_stream_args(num_chunks, prompts)
-        a = self._resolve(prompt, negative_prompt, self.chunk_pixel_frames, height, width, num_inference_steps,
-                          guidance_scale, seed, attention, cache, callback, None, None)
-        if "step" in a.caches:
-            raise ValueError("cache: the step cache does not apply to chunk-by-chunk generation; leave 'step' out")
+
+        def resolve() -> _CallArgs:
+            a = self._resolve(prompt, negative_prompt, self.chunk_pixel_frames, height, width, num_inference_steps,
+                              guidance_scale, seed, attention, cache, callback, None, None)
+            if "step" in a.caches:
+                raise ValueError("cache: the step cache does not apply to chunk-by-chunk generation; leave 'step' "
+                                 "out")
+            return a if self.parallel is None else self.parallel.check_decode(a, self.vae)
+
+        if self.parallel is not None:  # every rank runs the same stream (cfg=2: each rank one branch)
+            self.parallel.check_stream()
+            extra = {"num_chunks": num_chunks, "prompts": {str(k): v for k, v in sorted(switches.items())}}
+            a = self.parallel.agree(resolve, seed_given=seed is not None, extra=extra)
+        else:
+            a = resolve()
         kv = a.cache_configs.get("causal_kv") or self._installed.get("causal_kv")
         commit = kv.commit if "causal_kv" in a.caches and kv is not None else None
         return stream_chunks(self, a, num_chunks=num_chunks, switches=switches, context_noise=self.config.context_noise,

@@ -58,15 +58,16 @@ def parallel_settings(overrides: list[str]) -> tuple[list[str], object | None]:
     mine = [o for o in overrides if o.startswith("parallel.")]
     if not mine:
         return overrides, None
+    import dataclasses
+
     values = parse_overrides(mine)["parallel"]
+    known = [f.name for f in dataclasses.fields(ParallelConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"parallel: unknown setting(s) {unknown}; known: {known}")
     try:
         return [o for o in overrides if o not in mine], ParallelConfig(**values)
-    except TypeError:
-        import dataclasses
-
-        known = [f.name for f in dataclasses.fields(ParallelConfig)]
-        raise ConfigError(f"parallel: unknown setting(s) {sorted(set(values) - set(known))}; known: {known}") from None
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # a known field with a bad value: the config's own message
         raise ConfigError(str(err)) from None
 
 

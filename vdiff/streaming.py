@@ -16,7 +16,8 @@
 A prompt switch at chunk k (`prompts={k: text}`) re-encodes the text and re-commits the chunks the cache holds with
 the new prompt, oldest first (LongLive's KV re-cache), so motion continues from the same frames while the new
 prompt takes over. Classifier-free guidance batches the conditional and unconditional branches (2B rows), each with
-its own K/V rows.
+its own K/V rows; under cfg parallel (ParallelConfig(cfg=2)) each rank runs one branch and keeps only that branch's
+K/V, and the ranks exchange v once per step. A prompt switch added while a parallel stream runs is rank 0's.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
     f, hl, wl = pipe.vae.latent_shape(pipe.chunk_pixel_frames, a.height, a.width)  # one chunk's latent frames
     n = len(a.prompts)
     use_cfg = a.guidance > 1.0
+    par = pipe.parallel if pipe.parallel is not None and pipe.parallel.config.size > 1 else None
+    cfg_par = par.cfg if par is not None and use_cfg else None  # cfg=2: this rank runs one branch, B rows
+    double = use_cfg and cfg_par is None  # both branches in this forward (2B rows)
+    step_callback = par.step_callback(callback) if par is not None else callback  # every rank stops alike
     state = CausalKVState(external=external) if commit is not None else None
     history: list[tuple[int, torch.Tensor]] = []  # (chunk, x_ctx): the reference's whole history / the re-cache set
     t_ctx = torch.tensor(1000.0 * context_noise, device=device)
@@ -92,12 +97,17 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
     tokens_per_chunk = math.prod(model.token_grid((f, hl, wl)))
 
     def encode(texts: list[str]) -> torch.Tensor:
-        emb = pipe.text_encoder.encode(texts + a.negatives if use_cfg else texts).embeds  # (B or 2B, S, text_dim)
+        batch = texts + a.negatives if use_cfg else texts
+        emb = (pipe.text_encoder.encode(batch) if par is None
+               else par.encode_text(pipe.text_encoder, batch)).embeds  # (B or 2B, S, text_dim)
+        if cfg_par is not None:
+            emb = cfg_par.branch(emb[:n], emb[n:])  # this rank's branch
         return emb.to(device, dtype)
 
     def forward(x: torch.Tensor, t: torch.Tensor, chunk: int, step: int | None, store: bool) -> torch.Tensor:
-        """Velocity of chunk `chunk` at timestep t for latents x (B, C, f, H', W'), both branches (2B rows)."""
-        x_in = torch.cat([x, x]) if use_cfg else x
+        """Guided velocity of chunk `chunk` at timestep t for latents x (B, C, f, H', W'); the model runs both
+        branches (2B rows), or this rank's one under cfg parallel (then one exchange of v)."""
+        x_in = torch.cat([x, x]) if double else x
         kwargs = {"attention": a.attention, "stats": attention_stats, "step": step}
         if state is not None:
             state.store = store
@@ -105,7 +115,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             t_in = t.expand(x_in.shape[0])
         else:  # the reference: every earlier chunk's context latents in the same forward, at t_ctx
             ctx_x = [h for _, h in history]
-            if use_cfg:
+            if double:
                 ctx_x = [torch.cat([h, h]) for h in ctx_x]
             x_in = torch.cat([*ctx_x, x_in], dim=2)  # (B', C, (len(history) + 1) * f, H', W')
             t_in = torch.cat([t_ctx.expand(len(history) * tokens_per_chunk), t.expand(tokens_per_chunk)])
@@ -113,6 +123,8 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             kwargs.update(chunks=[(j, True) for j, _ in history] + [(chunk, step is None)])
         v = model(x_in.to(dtype), t_in, context, return_dict=False, attention_kwargs=kwargs)[0].float()
         v = v[:, :, -f:]  # the current chunk
+        if cfg_par is not None:
+            v = cfg_par.gather(v)  # [v_cond; v_uncond] on both ranks
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + a.guidance * (v_cond - v_uncond)
@@ -135,9 +147,12 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
     while num_chunks is None or chunk < num_chunks:
         t0 = time.perf_counter()
         with torch.no_grad(), cache_context(call=call, keep=True):
-            if chunk in switches:
-                check_stream_args(None, {chunk: switches[chunk]})  # added while the stream ran: checked here
-                prompts = [switches[chunk]] * n
+            switch = switches.get(chunk)
+            if par is not None:  # live steering follows rank 0 (the caller of a spawned group, the server)
+                switch = par.leader_value(switch)
+            if switch is not None:
+                check_stream_args(None, {chunk: switch})  # added while the stream ran: checked here
+                prompts = [switch] * n
                 context = encode(prompts)  # a new tensor: the text K/V hooks recompute it once
                 if state is not None:  # re-commit the held chunks under the new prompt, oldest first
                     for j, x_ctx in history:
@@ -152,7 +167,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                 x = scheduler.step(v, t, x, return_dict=False)[0]
                 if bar is not None:
                     bar.update()
-                if callback is not None and callback(i, a.steps, x) is False:
+                if step_callback is not None and step_callback(i, a.steps, x) is False:
                     raise Cancelled(f"sampling cancelled by the callback at chunk {chunk}, after step "
                                     f"{i + 1}/{a.steps}")
             x_ctx = make_context(x, chunk)
@@ -163,10 +178,13 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                 held = set(state.chunks())
                 history = [(j, h) for j, h in history if j in held]
             t_decode = time.perf_counter()
-            videos = to_uint8(pipe.vae.decode(x))  # (B, t, H, W, 3)
+            videos = to_uint8(pipe.vae.decode(x) if pipe.parallel is None
+                              else pipe.parallel.decode(pipe.vae, x))  # (B, t, H, W, 3)
         stats = {"seconds": time.perf_counter() - t0, "decode_s": time.perf_counter() - t_decode, "steps": a.steps,
                  "tokens_attended": state.attended_tokens if state is not None else None,
                  "kv_bytes": state.bytes if state is not None else 0, "context_chunks": len(history)}
+        if pipe.parallel is not None:  # this rank's share: under cfg=2 the KV bytes are its branch's
+            stats["parallel"] = pipe.parallel.stats(a.guidance).parallel
         yield VideoChunk(chunk, videos, x, prompts[0], a.seed, stats)
         chunk += 1
     if bar is not None:
@@ -189,7 +207,7 @@ def collect(pipe: Any, prompt: Any, negative_prompt: Any, num_frames: Any, heigh
                       cache=cache, callback=callback, negative_prompt=negative_prompt, height=height, width=width,
                       progress=progress)
     chunks = list(gen)
-    stats = PipelineStats()
+    stats = PipelineStats(parallel=chunks[0].stats.get("parallel") or {})
     stats.denoise_s = sum(c.stats["seconds"] - c.stats["decode_s"] for c in chunks)
     stats.decode_s = sum(c.stats["decode_s"] for c in chunks)
     stats.total_s = time.perf_counter() - t0

@@ -52,6 +52,9 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         devices = self.devices.split("+") if isinstance(self.devices, str) else self.devices
+        if not isinstance(devices, (list, tuple)):
+            raise ValueError(f"parallel.devices must be devices joined by '+' (cuda:0+cuda:1) or a list of them, "
+                             f"got {self.devices!r}")
         object.__setattr__(self, "devices", tuple(str(d).strip() for d in devices if str(d).strip()))
         if self.ring != 1:
             raise ValueError(f"parallel.ring={self.ring!r}: ring attention is not implemented (it would split dense "
@@ -101,10 +104,12 @@ class ParallelConfig:
                              f"product is {world}")
 
     def check_model(self, model_config: dict[str, Any], world_size: int | None = None) -> None:
-        """`check` against a transformer's config.json (read before its weights), refusing causal models."""
-        if self.size > 1 and model_config.get("causal"):
-            raise ValueError("parallel: a causal (chunk-by-chunk) model does not run under cfg / ulysses parallel "
-                             "yet; use ParallelConfig() (one process)")
+        """`check` against a transformer's config.json (read before its weights); a causal model runs under cfg
+        parallel only."""
+        if self.ulysses > 1 and model_config.get("causal"):
+            raise ValueError(f"parallel.ulysses={self.ulysses}: a causal (chunk-by-chunk) model generates under cfg=2 "
+                             "(each rank keeps its branch's KV cache) but not under Ulysses yet (the causal KV cache "
+                             "does not split with the heads); use ulysses=1")
         self.check(int(model_config["num_attention_heads"]), world_size)
 
 

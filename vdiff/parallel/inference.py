@@ -142,13 +142,14 @@ class ParallelRuntime:
     # One call
     # ---------------------------------------------------------------------------------------------------------------
 
-    def agree(self, resolve: Callable[[], Any], seed_given: bool) -> Any:
-        """Run `resolve()` (the pipeline's argument checks) on every rank and make sure all ranks run the same request.
-        Raises on every rank if any rank rejected it or the requests differ; a random seed becomes rank 0's."""
+    def agree(self, resolve: Callable[[], Any], seed_given: bool, extra: dict[str, Any] | None = None) -> Any:
+        """Run `resolve()` (the pipeline's argument checks) on every rank and make sure all ranks run the same request
+        (its fields plus the JSON-able `extra`). Raises on every rank if any rank rejected it or the requests differ;
+        a random seed becomes rank 0's."""
         error, fields, args = None, {}, None
         try:
             args = resolve()
-            fields = request_fields(args, seed_given)
+            fields = {**request_fields(args, seed_given), **(extra or {})}
         except Exception as err:  # reported to every rank below, then re-raised here
             error = err
         mine = {"error": None if error is None else f"{type(error).__name__}: {error}", "fields": fields,
@@ -170,6 +171,21 @@ class ParallelRuntime:
         if not seed_given:
             args = dataclasses.replace(args, seed=everyone[0]["seed"])
         return args
+
+    def check_stream(self) -> None:
+        """`VideoPipeline.stream` runs on every rank at once: under torchrun each rank's script calls it; a spawned
+        group's followers only run dispatched calls, so a stream there is refused (`pipe(prompt, num_frames=N)` runs
+        the stream on every rank and returns the clip)."""
+        if self.leader is not None and not self.leader.in_call():
+            raise ValueError("stream(): a launch='spawn' group runs only whole calls on its ranks; call "
+                             "pipe(prompt, num_frames=N) (it generates the N frames chunk by chunk on every rank), "
+                             "or run the stream under torchrun (every rank iterates it)")
+
+    def leader_value(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank of the video (a pickled object over the control group)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=self.mesh.video_ranks[0], group=self.mesh.control)
+        return box[0]
 
     def relative_change(self, new: torch.Tensor, old: torch.Tensor) -> float:
         """mean|new - old| / mean|old| over the whole video: this rank's rows without Ulysses padding, summed over

@@ -102,6 +102,10 @@ class Leader:
                 self._depth.n = 0
                 self._last = time.monotonic()
 
+    def in_call(self) -> bool:
+        """True inside a dispatched call on this thread (the followers are running the same call)."""
+        return bool(getattr(self._depth, "n", 0))
+
     def _send(self, message: Any) -> None:
         dead = [i + 1 for i, p in enumerate(self.procs) if p.poll() is not None]
         if dead:
