@@ -107,3 +107,33 @@ def test_compiled_flex_fails_loudly_at_its_limit(monkeypatch):
     with pytest.raises(RuntimeError, match="VDIFF_FLEX_RECOMPILE_LIMIT"):
         for length in (27, 29):  # shapes no other test compiles: the second is past a limit of one graph
             _block_diagonal_run(length)
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_xformers_that_imports_but_cannot_run_is_unavailable(monkeypatch, works):
+    """A wheel built for another torch/Python imports, yet every call raises: the backend says so instead of being
+    picked and failing in the first forward (probed once per device)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import vdiff.attention.dense as dense
+
+    def attention(q, k, v):
+        if not works:
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+        return q
+
+    pkg, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("xformers", None)
+    ops.memory_efficient_attention, pkg.ops = attention, ops
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(dense, "is_cuda", lambda device: True)  # the probe runs on CPU tensors here
+    monkeypatch.setattr(dense, "_XFORMERS_PROBED", {})
+    reason = dense.XFormersBackend().unavailable_reason("cpu")
+    if works:
+        assert reason is None
+    else:
+        assert "kernels do not run on cpu" in reason and "No operator found" in reason
+        assert dense._XFORMERS_PROBED["cpu"] == reason  # kept: the next call does not probe again

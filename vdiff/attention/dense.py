@@ -43,6 +43,27 @@ class FlexBackend(AttentionBackend):
         return flex_run(q, k, v)
 
 
+_XFORMERS_PROBED: dict[str, str | None] = {}
+
+
+def _xformers_probe(device: str) -> str | None:
+    """None when one tiny memory_efficient_attention call runs on `device`, else why not. A wheel built for another
+    torch or Python imports but loads none of its C++/CUDA operators, and every call then raises "No operator found"
+    (seen with xformers 0.0.35 built for torch 2.10 / Python 3.10 under torch 2.11 / Python 3.12). Once per device."""
+    if device not in _XFORMERS_PROBED:
+        import xformers.ops as xops
+
+        try:
+            q = torch.randn(1, 8, 1, 8, device=device, dtype=torch.float16)
+            xops.memory_efficient_attention(q, q, q)
+            _XFORMERS_PROBED[device] = None
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            _XFORMERS_PROBED[device] = (f"xformers imports but its kernels do not run on {device} ({first}); "
+                                        f"install a wheel built for this torch and Python")
+    return _XFORMERS_PROBED[device]
+
+
 class XFormersBackend(AttentionBackend):
     name = "xformers"
     description = "xformers memory_efficient_attention (CUDA only)"
@@ -56,7 +77,7 @@ class XFormersBackend(AttentionBackend):
             import xformers.ops  # noqa: F401
         except Exception as err:  # a wheel built for another torch/CUDA fails here
             return f"xformers does not import: {err}"
-        return None
+        return _xformers_probe(str(device or "cuda"))
 
     def forward(self, q, k, v, ctx):
         import xformers.ops as xops
