@@ -168,6 +168,42 @@ def test_lr_schedule_warmup_and_decay():
     assert lr_lambda(12, 4, 20, "linear", 0.0) == pytest.approx(0.5)
 
 
+def test_caption_memo_encodes_each_caption_once_alone_and_is_bounded(monkeypatch):
+    """Trainer.encode_text: the same numbers as encoding each caption alone (whatever batch it comes in), the frozen
+    encoder run once per distinct caption, and the least recently used caption dropped past TEXT_MEMO_BYTES."""
+    from types import SimpleNamespace
+
+    import train.trainer as trainer_module
+    from train.trainer import Trainer
+    from vdiff.models.text import minilm_text_encoder
+
+    enc = minilm_text_encoder(16)
+    alone = {c: enc.encode([c]).embeds[0] for c in ["a red circle moving right", "a blue square moving up", "", "x"]}
+    calls = []
+    counting = SimpleNamespace(encode=lambda ps: (calls.append(list(ps)), enc.encode(ps))[1])
+    stub = SimpleNamespace(text_encoder=counting, device=torch.device("cpu"), text_memo=trainer_module.OrderedDict(),
+                           text_memo_bytes=0)
+    batch = ["a red circle moving right", "a blue square moving up", "a red circle moving right", ""]
+    got = Trainer.encode_text(stub, batch)
+    assert got.shape == (4, 16, enc.dim) and got.abs().sum() > 0
+    assert all(torch.equal(got[i], alone[c]) for i, c in enumerate(batch))
+    assert calls == [["a red circle moving right"], ["a blue square moving up"], [""]]  # once each, alone
+    batched = enc.encode(batch).embeds  # the encoder's own batched answer: equal up to float rounding
+    assert (got - batched).abs().max() <= 1e-5 * batched.abs().max()
+    assert torch.equal(Trainer.encode_text(stub, batch[::-1]), got.flip(0)) and len(calls) == 3  # all from the memo
+
+    row = alone[""].nbytes
+    monkeypatch.setattr(trainer_module, "TEXT_MEMO_BYTES", 2 * row)
+    stub.text_memo.clear()
+    stub.text_memo_bytes = 0
+    Trainer.encode_text(stub, ["a red circle moving right", "a blue square moving up"])
+    Trainer.encode_text(stub, ["a red circle moving right", "x"])  # the blue square is now least recent: dropped
+    assert list(stub.text_memo) == ["a red circle moving right", "x"] and stub.text_memo_bytes == 2 * row
+    n = len(calls)
+    assert torch.equal(Trainer.encode_text(stub, ["a blue square moving up"])[0], alone["a blue square moving up"])
+    assert len(calls) == n + 1  # encoded again
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Real runs
 # --------------------------------------------------------------------------------------------------------------------

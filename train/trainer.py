@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from vdiff.diffusion.flow import add_noise, flow_loss, sample_sigmas, timesteps_
 from vdiff.lora import add_lora, trainable_parameters
 from vdiff.models.dit import VideoDiT
 from vdiff.parallel import apply_sequence_parallel
+
+TEXT_MEMO_BYTES = 256 * 2**20  # the caption-embedding memo's bound (Trainer.encode_text); ~5000 MiniLM captions
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -86,6 +89,8 @@ class Trainer(CausalObjectives):
         if self.sp is not None:  # after the EMA copy: the EMA module samples on one rank, unsplit
             apply_sequence_parallel(model, self.sp)
         self.mask_cache = MaskCache()  # sparse masks built once for the run, not once per step
+        self.text_memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (S, dim), see encode_text
+        self.text_memo_bytes = 0
         with self.dist.whole_encoders():
             self.text_encoder, self.vae = build_encoders(recipe, self.model_config, self.device)
         self.dataset = build_dataset(recipe, self.model_config.in_channels,
@@ -125,7 +130,22 @@ class Trainer(CausalObjectives):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder.encode(list(prompts)).embeds.to(self.device)  # (B, S, dim)
+        """Caption embeddings (B, S, dim). The text encoder is frozen, so a caption is encoded once, alone, and kept in
+        a least-recently-used memo of at most TEXT_MEMO_BYTES: its embedding never depends on the batch it came in
+        (a resumed run, an uninterrupted one and any process count see the same numbers), and a dataset whose
+        captions repeat (ShapesWorld has a few hundred) stops paying the encoder on every step."""
+        memo, rows = self.text_memo, []
+        for p in prompts:
+            row = memo.get(p)
+            if row is None:
+                row = memo[p] = self.text_encoder.encode([p]).embeds[0].to(self.device)  # (S, dim)
+                self.text_memo_bytes += row.nbytes
+                while len(memo) > 1 and self.text_memo_bytes > TEXT_MEMO_BYTES:
+                    self.text_memo_bytes -= memo.popitem(last=False)[1].nbytes
+            else:
+                memo.move_to_end(p)
+            rows.append(row)
+        return torch.stack(rows)
 
     # ---------------------------------------------------------------------------------------------------------------
     # The objective (override compute_loss to train something else)
