@@ -57,15 +57,15 @@ class Part:
 
 PARTS = (
     Part("tests", "pytest", ("-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"),
-         ("-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"), 90, 60, "gpu-tests"),
+         ("-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"), 60, 60, "gpu-tests"),
     Part("attention", "bench.attention", ("--shapes", "gpu", "--repeats", "5", "--warmup", "1"),
          ("--shapes", "cpu", "--grid", "2,8,8", "--methods", "radial", "sliding_tile", "--impls", "gather",
-          "--kernels", "sdpa", "--repeats", "1", "--warmup", "0"), 210, 60, "attention"),
+          "--kernels", "sdpa", "--repeats", "1", "--warmup", "0"), 170, 60, "attention"),
     Part("step", "bench.step", ("--shape", "wan480", "--repeats", "3", "--warmup", "1"),
          ("--shape", "tiny", "--repeats", "1", "--warmup", "0", "--layers", "1"), 60, 60, "step"),
     Part("train", "bench.train", ("--gpu", "--skip-recipe", "--gpu-steps", "3"),
          ("--gpu", "--skip-recipe", "--gpu-steps", "1", "--gpu-shape", "tiny", "--backends", "sliding_tile"),
-         90, 60, "train"),
+         140, 60, "train"),
     Part("cache", "bench.cache", ("--shape", "wan480", "--steps", "10", "--repeats", "1", "--prompts", "1",
                                   "--thresholds", "0.1", "--indicators", "first_block",
                                   "--configs", "none,text_kv+mask+prompt,step@0.1"),

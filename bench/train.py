@@ -110,8 +110,7 @@ def bench_wan_gpu(backend: str, steps: int, checkpointing: bool, shape: str = "w
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
+    step()  # warm-up: allocator, kernels, the sparse masks
     _sync(device)
     times = []
     for _ in range(steps):
@@ -145,10 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = torch.cuda.is_available()
     if args.gpu and not on_gpu and args.gpu_shape != "tiny":
         raise SystemExit("--gpu needs a CUDA device (none found); --gpu-shape tiny runs the same step on CPU")
+    columns = ["case", "device", "precision", "backend", "tokens_per_sample", "global_batch", "s_per_step",
+               "tokens_per_s", "model_tflops", "mfu", "error"]
+    meta = {"args": vars(args), "machine": machine_info()["cpu"]}
     rows = [] if args.skip_recipe else [bench_tiny(args.steps)]
     if args.gpu:
         device = torch.device("cuda" if on_gpu else "cpu")
-        for backend in args.backends.split(","):
+        backends = args.backends.split(",")
+        for i, backend in enumerate(backends):
+            t0 = time.perf_counter()
             try:
                 rows.append(bench_wan_gpu(backend, args.gpu_steps, not args.no_checkpointing, args.gpu_shape, device))
             except Exception as err:  # report the backend that cannot run and why, keep measuring the others
@@ -156,9 +160,13 @@ def main(argv: list[str] | None = None) -> None:
             if on_gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-    print_table(rows, ["case", "device", "precision", "backend", "tokens_per_sample", "global_batch", "s_per_step",
-                       "tokens_per_s", "model_tflops", "mfu", "error"], title="training throughput")
-    write_result("train", rows, {"args": vars(args), "machine": machine_info()["cpu"]})
+            row = rows[-1]
+            print(f"bench train: {backend} ({i + 1}/{len(backends)}) in {time.perf_counter() - t0:.0f} s: "
+                  f"{row.get('s_per_step', float('nan')):.3f} s/step{' ' + row['error'] if 'error' in row else ''}",
+                  flush=True)
+            write_result("train", rows, meta)  # a run killed at its budget keeps the finished backends
+    print_table(rows, columns, title="training throughput")
+    write_result("train", rows, meta)
 
 
 if __name__ == "__main__":

@@ -110,30 +110,42 @@ def test_compiled_flex_fails_loudly_at_its_limit(monkeypatch):
 
 
 @pytest.mark.parametrize("works", [True, False])
-def test_xformers_that_imports_but_cannot_run_is_unavailable(monkeypatch, works):
+@pytest.mark.parametrize("backend", ["xformers", "flash"])
+def test_kernels_that_import_but_cannot_run_are_unavailable(monkeypatch, backend, works):
     """A wheel built for another torch/Python imports, yet every call raises: the backend says so instead of being
-    picked and failing in the first forward (probed once per device)."""
+    picked and failing in the first forward (probed once per backend and device)."""
     import importlib.machinery
     import sys
     import types
 
     import vdiff.attention.dense as dense
 
-    def attention(q, k, v):
+    calls = []
+
+    def attention(q, k, v, **kw):
+        calls.append(q.shape)
         if not works:
             raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
         return q
 
-    pkg, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
-    pkg.__spec__ = importlib.machinery.ModuleSpec("xformers", None)
-    ops.memory_efficient_attention, pkg.ops = attention, ops
-    monkeypatch.setitem(sys.modules, "xformers", pkg)
-    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    package, function = {"xformers": ("xformers", "memory_efficient_attention"),
+                         "flash": ("flash_attn", "flash_attn_func")}[backend]
+    pkg = types.ModuleType(package)
+    pkg.__spec__ = importlib.machinery.ModuleSpec(package, None)
+    monkeypatch.setitem(sys.modules, package, pkg)
+    if backend == "xformers":
+        ops = types.ModuleType("xformers.ops")
+        ops.memory_efficient_attention, pkg.ops = attention, ops
+        monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    else:
+        pkg.flash_attn_func = attention
     monkeypatch.setattr(dense, "is_cuda", lambda device: True)  # the probe runs on CPU tensors here
-    monkeypatch.setattr(dense, "_XFORMERS_PROBED", {})
-    reason = dense.XFormersBackend().unavailable_reason("cpu")
+    monkeypatch.setattr(dense, "_KERNEL_PROBED", {})
+    impl = {"xformers": dense.XFormersBackend, "flash": dense.FlashBackend}[backend]()
+    reason = impl.unavailable_reason("cpu")
     if works:
         assert reason is None
     else:
-        assert "kernels do not run on cpu" in reason and "No operator found" in reason
-        assert dense._XFORMERS_PROBED["cpu"] == reason  # kept: the next call does not probe again
+        assert f"{package} imports but its kernels do not run on cpu" in reason and "No operator found" in reason
+        assert dense._KERNEL_PROBED[package, "cpu"] == reason
+    assert impl.unavailable_reason("cpu") == reason and len(calls) == 1  # kept: the next call does not probe again

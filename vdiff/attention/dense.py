@@ -43,25 +43,23 @@ class FlexBackend(AttentionBackend):
         return flex_run(q, k, v)
 
 
-_XFORMERS_PROBED: dict[str, str | None] = {}
+_KERNEL_PROBED: dict[tuple[str, str], str | None] = {}  # (backend, device) -> why its kernels do not run, or None
 
 
-def _xformers_probe(device: str) -> str | None:
-    """None when one tiny memory_efficient_attention call runs on `device`, else why not. A wheel built for another
-    torch or Python imports but loads none of its C++/CUDA operators, and every call then raises "No operator found"
-    (seen with xformers 0.0.35 built for torch 2.10 / Python 3.10 under torch 2.11 / Python 3.12). Once per device."""
-    if device not in _XFORMERS_PROBED:
-        import xformers.ops as xops
-
+def _kernel_probe(name: str, device: str, call) -> str | None:
+    """None when `call(q)` - one tiny fp16 attention through the backend's library - runs on `device`, else why not.
+    A wheel built for another torch or Python imports but loads none of its C++/CUDA operators, and every call then
+    raises (xformers 0.0.35 built for torch 2.10 / Python 3.10 under torch 2.11 / Python 3.12: "No operator
+    found"). Probed once per (backend, device)."""
+    if (name, device) not in _KERNEL_PROBED:
         try:
-            q = torch.randn(1, 8, 1, 8, device=device, dtype=torch.float16)
-            xops.memory_efficient_attention(q, q, q)
-            _XFORMERS_PROBED[device] = None
+            call(torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16))  # [B, L, H, D]
+            _KERNEL_PROBED[name, device] = None
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            _XFORMERS_PROBED[device] = (f"xformers imports but its kernels do not run on {device} ({first}); "
-                                        f"install a wheel built for this torch and Python")
-    return _XFORMERS_PROBED[device]
+            _KERNEL_PROBED[name, device] = (f"{name} imports but its kernels do not run on {device} ({first}); "
+                                            f"install a wheel built for this torch and Python")
+    return _KERNEL_PROBED[name, device]
 
 
 class XFormersBackend(AttentionBackend):
@@ -74,10 +72,11 @@ class XFormersBackend(AttentionBackend):
         if importlib.util.find_spec("xformers") is None:
             return "xformers is not installed (the CUDA extra: pip install 'vdiff[cuda]')"
         try:
-            import xformers.ops  # noqa: F401
+            import xformers.ops
         except Exception as err:  # a wheel built for another torch/CUDA fails here
             return f"xformers does not import: {err}"
-        return _xformers_probe(str(device or "cuda"))
+        return _kernel_probe("xformers", str(device or "cuda"),
+                             lambda q: xformers.ops.memory_efficient_attention(q, q, q))
 
     def forward(self, q, k, v, ctx):
         import xformers.ops as xops
@@ -95,7 +94,11 @@ class FlashBackend(AttentionBackend):
             return "flash_attn needs a CUDA device (this is CPU)"
         if importlib.util.find_spec("flash_attn") is None:
             return "flash_attn is not installed"
-        return None
+        try:
+            from flash_attn import flash_attn_func
+        except Exception as err:  # a wheel built for another torch/CUDA fails here
+            return f"flash_attn does not import: {err}"
+        return _kernel_probe("flash_attn", str(device or "cuda"), lambda q: flash_attn_func(q, q, q))
 
     def forward(self, q, k, v, ctx):
         if q.dtype not in (torch.float16, torch.bfloat16):
