@@ -170,14 +170,32 @@ def test_teacher_forcing_with_switches_marks_the_turned_chunks(tmp_path):
     x0, text = trainer.clean_inputs(batch)
     n = x0.shape[2] // 2
     chunk_tokens = x0.shape[2] // n * math.prod(trainer.model.token_grid(x0.shape[2:])[1:])
-    second, tokens = trainer._text_switch(batch, text, n, chunk_tokens, copies=2)
+    second, tokens, keep = trainer._text_switch(batch, text, n, chunk_tokens)
     for b, index in enumerate(batch["index"]):
         frame, _ = trainer.switch_world.switch(int(index))
-        want = (torch.arange(2 * n).repeat_interleave(chunk_tokens) % n) >= frame // 2
-        assert torch.equal(tokens[b], want)
+        after = torch.arange(n) >= frame // 2  # noisy chunks from the turn on
+        # as the sampler re-commits its cache at a switch: every context copy on the new caption, the noisy chunks
+        # from the turn on
+        want = torch.cat([torch.ones(n, dtype=torch.bool), after]).repeat_interleave(chunk_tokens)
+        assert torch.equal(tokens[b], want) and torch.equal(keep[b], after)
         assert not torch.equal(second[b], text[b])
+
+    seen = {}
+    forward = trainer.model_forward
+
+    def capture(*args):
+        out = forward(*args)
+        out.retain_grad()
+        seen["v"] = out
+        return out
+
+    trainer.model_forward = capture
     loss = trainer.compute_loss(batch, 0)
     assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grad = seen["v"].grad[:, :, x0.shape[2]:]  # (B, C, F, H, W) of the noisy half
+    per_chunk = grad.abs().sum((1, 3, 4)).unflatten(1, (n, -1)).sum(2)  # (B, n)
+    assert torch.equal(per_chunk > 0, keep)  # the chunks before the turn are out of the loss, the others in it
     with pytest.raises(ConfigError, match="data.switch_prob > 0 trains prompt switches with train.objective"):
         _trainer(tmp_path / "df", "diffusion_forcing", ["data.switch_prob=1.0", "data.switch_every=2",
                                                         "data.boundary=wrap"])

@@ -5,7 +5,8 @@
     teacher_forcing    one sequence [context copy of every chunk | noisy copy of every chunk]: noisy chunk c
                        attends the context copies of the chunks it sees and itself (vdiff.models.causal); both copies
                        of a chunk share RoPE positions; the loss is on the noisy half. Context copies are the clean
-                       latents, noised to `train.context_noise` (as the sampler's history is)
+                       latents, noised to `train.context_noise` (as the sampler's history is). Clips that turn
+                       (data.switch_prob) are laid out as the sampler's prompt switch re-caches (`_text_switch`)
     diffusion_forcing  every chunk gets its own noise level; chunks attend each other block-causally; loss on all
 
 Every random draw comes from the sample's own generator (`Trainer.sample_draws`), as for `flow`, so runs stay exact
@@ -52,15 +53,24 @@ class CausalObjectives:
             t_noisy = timesteps_of(s)[:, None].expand(-1, x0.shape[2] * per_frame)
             t_tokens = torch.cat([t_ctx, t_noisy], dim=1)  # (B, L) per-token timesteps
             chunks = [(j, True) for j in range(n)] + [(j, False) for j in range(n)]
-            switch = self._text_switch(batch, text, n, per_frame * f, copies=2)
-        v = self.model_forward(x_in, t_tokens, text, chunks, switch)[:, :, x0.shape[2]:]  # the noisy half
-        return flow_loss(v, x0, noise)
+            switch = self._text_switch(batch, text, n, per_frame * f)
+        v = self.model_forward(x_in, t_tokens, text, chunks, switch and switch[:2])[:, :, x0.shape[2]:]  # noisy half
+        if switch is None:
+            return flow_loss(v, x0, noise)
+        keep = switch[2].repeat_interleave(f, dim=1)[:, None, :, None, None]  # (B, 1, F, 1, 1)
+        return flow_loss(v * keep, x0 * keep, noise * keep)  # left-out chunks add 0; the mean stays over all
 
-    def _text_switch(self, batch: dict[str, Any], text: torch.Tensor, n: int, chunk_tokens: int,
-                     copies: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Clips that turn (data.switch_prob): (the new direction's caption embeddings (B, S, dim), tokens (B, L)
-        of the chunks from the turn on, in each of `copies` copies of the n chunks) for the model's text_switch, or
-        None when no clip of the batch turns. A clip whose caption was dropped (CFG) drops its second one too."""
+    def _text_switch(self, batch: dict[str, Any], text: torch.Tensor, n: int,
+                     chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Clips that turn (data.switch_prob), laid out as the sampler sees a prompt switch: at the turn it re-commits
+        the chunks its cache holds under the new prompt (vdiff.streaming, LongLive's KV re-cache), so from the turn
+        on every context chunk is keyed by the new caption, the ones from before the turn included. Here: the
+        context copies of a turned clip all attend its new direction's caption, the noisy copies from the turn on
+        do too, and the loss leaves out the noisy chunks before the turn (no sampler state has old-prompt chunks
+        over re-cached context). Returns (the new caption's embeddings (B, S, dim), the tokens (B, L) of the
+        [context | noisy] sequence that attend it, the noisy chunks (B, n) the loss keeps), or None when no clip of
+        the batch turns. A clip whose caption was dropped (CFG) keeps the empty caption throughout and all its
+        chunks."""
         world = self.switch_world
         if world is None:
             return None
@@ -68,13 +78,18 @@ class CausalObjectives:
         if all(t is None for t in turns):
             return None
         per = self.model_config.causal.chunk_frames * self.vae.stride[0]  # pixel frames per chunk
-        first_turned = torch.tensor([n if t is None else t[0] // per for t in turns], device=text.device)
         second = self.encode_text([world.caption_at(int(i), world.render_kwargs["num_frames"] - 1)
                                    for i in batch["index"]]).to(text.dtype)
         dropped = (text == self.empty_text.to(text.dtype)).flatten(1).all(1)  # (B,) the caption was dropped
         second = torch.where(dropped[:, None, None], text, second)
-        chunk_of = torch.arange(copies * n, device=text.device).repeat_interleave(chunk_tokens) % n  # (L,)
-        return second, chunk_of[None] >= first_turned[:, None]  # (B, S, dim), (B, L)
+        first_turned = torch.tensor([n if t is None else t[0] // per for t in turns], device=text.device)
+        first_turned = torch.where(dropped, n, first_turned)  # (B,) n: no turn
+        turned = first_turned < n
+        chunk = torch.arange(n, device=text.device)
+        after = chunk[None] >= first_turned[:, None]  # (B, n) noisy chunks from the turn on
+        on_second = torch.cat([turned[:, None].expand(-1, n), after], dim=1)  # (B, 2n) [context | noisy]
+        keep = after | ~turned[:, None]  # (B, n)
+        return second, on_second.repeat_interleave(chunk_tokens, dim=1), keep
 
     def loss_diffusion_forcing(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """Every chunk at its own noise level, all attending block-causally; loss on every chunk."""
