@@ -1,8 +1,8 @@
 """ParallelConfig(launch="spawn"): the calling process is rank 0 and starts the other ranks on loopback. Run as a
 script in its own process (it becomes a process-group member), as a notebook would: the spawned cfg=2 pipeline
 equals one process, a cancel on the leader stops every rank, cache changes reach the followers, an idle group
-outlives the collective timeout (heartbeats), close() ends every follower, a causal model's call runs on both ranks,
-and a dead follower fails the next call with its exit status."""
+outlives the collective timeout (heartbeats), close() ends every follower, a causal model's call and stream() run on
+both ranks, and a dead follower fails the next call with its exit status."""
 
 from __future__ import annotations
 
@@ -61,11 +61,15 @@ def test_spawned_group_equals_one_process_and_follows_the_leader(tmp_path):
     assert res["exit_codes"] == [0]
     assert res["causal_frame_err"] <= 1  # uint8 rounding of equal floats
     assert res["causal_kv_bytes"][1] * 2 == res["causal_kv_bytes"][0] > 0  # rank 0 holds the conditional K/V only
-    assert "stream(): a launch='spawn' group runs only whole calls" in res["causal_stream"]
+    # stream() on the leader: the follower iterates it too (a prompt switch, a close after 4 chunks of an
+    # open-ended stream, a finite one read to its end), other calls wait for it to close, and the group goes on
+    assert res["stream_err"] <= 1 and res["stream_full_err"] <= 1 and res["after_stream_err"] <= 1, res
+    assert "__call__() while a stream() of this spawned group is open" in res["during_stream"]
     assert "rank(s) [1] of the spawned group have exited" in res["dead"] and "exit status -9" in res["dead"]
 
 
 def _script(folder: str, out: str) -> None:
+    import itertools
     import time
 
     import numpy as np
@@ -111,7 +115,7 @@ def _script(folder: str, out: str) -> None:
     pipe.parallel.close()
     res["exit_codes"] = [p.returncode for p in procs]
 
-    # a second group after close, of a causal model: pipe(...) streams the chunks on both ranks; stream() is refused
+    # a second group after close, of a causal model: pipe(...) and stream() run the chunks on both ranks
     from vdiff.config import CausalConfig, model_preset
     from vdiff.pipeline import PipelineConfig
 
@@ -126,11 +130,27 @@ def _script(folder: str, out: str) -> None:
     two = again("a red circle", seed=2)
     res["causal_frame_err"] = int(np.abs(one.videos.astype(int) - two.videos.astype(int)).max())
     res["causal_kv_bytes"] = [o.stats.cache["causal_kv"]["kv_bytes"] for o in (one, two)]
-    try:
-        next(again.stream("a red circle", num_chunks=2))
-        res["causal_stream"] = "no error"
-    except ValueError as err:
-        res["causal_stream"] = str(err)
+    plain_causal = VideoPipeline.from_pretrained(causal)
+
+    def take(p, count, **kw):  # the first `count` chunks of an open-ended stream, then the caller stops
+        gen = p.stream("a red circle", seed=2, **kw)
+        frames = [chunk.frames for chunk in itertools.islice(gen, count)]
+        gen.close()
+        return np.concatenate(frames).astype(int)
+
+    switch = {2: "a blue square"}
+    res["stream_err"] = int(np.abs(take(again, 4, prompts=switch) - take(plain_causal, 4, prompts=switch)).max())
+    res["stream_full_err"] = int(np.abs(take(again, 3, num_chunks=3) - one.videos[0].astype(int)).max())
+    gen = again.stream("a red circle", seed=2)
+    next(gen)
+    try:  # the followers are in the stream: another call now would interleave with it
+        again("a red circle", seed=2)
+        res["during_stream"] = "no error"
+    except RuntimeError as err:
+        res["during_stream"] = str(err)
+    gen.close()
+    res["after_stream_err"] = int(np.abs(again("a red circle", seed=2).videos.astype(int)
+                                         - one.videos.astype(int)).max())
     again.parallel.leader.procs[0].kill()
     again.parallel.leader.procs[0].wait()
     try:

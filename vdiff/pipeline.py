@@ -240,6 +240,13 @@ class VideoPipeline(LoraPipelineMixin):
         from vdiff.streaming import check_stream_args, stream_chunks
 
         switches = check_stream_args(num_chunks, prompts)
+        leader = getattr(self.parallel, "leader", None)
+        if leader is not None and not leader.in_call() and not leader.streaming:  # a spawned group's leader
+            request = dict(prompt=prompt, num_chunks=num_chunks, seed=seed, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, prompts=prompts, cache=cache, callback=callback,
+                           negative_prompt=negative_prompt, height=height, width=width, attention=attention,
+                           progress=progress)
+            return leader.stream(lambda: self.stream(**request), request)  # the followers iterate it too
 
         def resolve() -> _CallArgs:
             a = self._resolve(prompt, negative_prompt, self.chunk_pixel_frames, height, width, num_inference_steps,
@@ -250,7 +257,6 @@ class VideoPipeline(LoraPipelineMixin):
             return a if self.parallel is None else self.parallel.check_decode(a, self.vae)
 
         if self.parallel is not None:  # every rank runs the same stream (cfg=2: each rank one branch)
-            self.parallel.check_stream()
             extra = {"num_chunks": num_chunks, "prompts": {str(k): v for k, v in sorted(switches.items())}}
             a = self.parallel.agree(resolve, seed_given=seed is not None, extra=extra)
         else:

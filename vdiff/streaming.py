@@ -17,7 +17,9 @@ A prompt switch at chunk k (`prompts={k: text}`) re-encodes the text and re-comm
 the new prompt, oldest first (LongLive's KV re-cache), so motion continues from the same frames while the new
 prompt takes over. Classifier-free guidance batches the conditional and unconditional branches (2B rows), each with
 its own K/V rows; under cfg parallel (ParallelConfig(cfg=2)) each rank runs one branch and keeps only that branch's
-K/V, and the ranks exchange v once per step. A prompt switch added while a parallel stream runs is rank 0's.
+K/V, and the ranks exchange v once per step. Under parallelism every chunk starts with one broadcast from rank 0
+(go on or stop, and its prompt switch): a switch added while the stream runs is rank 0's, and when rank 0's caller
+stops iterating, the other ranks (a spawned group's followers run the same stream) stop at the same chunk.
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
         with torch.no_grad(), cache_context(call=call, keep=True):
             switch = switches.get(chunk)
             if par is not None:  # live steering follows rank 0 (the caller of a spawned group, the server)
-                switch = par.leader_value(switch)
+                go, switch = par.leader_value((True, switch))
+                if not go:  # rank 0's caller stopped iterating (see the GeneratorExit below): stop here too
+                    break
             if switch is not None:
                 check_stream_args(None, {chunk: switch})  # added while the stream ran: checked here
                 prompts = [switch] * n
@@ -185,7 +189,12 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                  "kv_bytes": state.bytes if state is not None else 0, "context_chunks": len(history)}
         if pipe.parallel is not None:  # this rank's share: under cfg=2 the KV bytes are its branch's
             stats["parallel"] = pipe.parallel.stats(a.guidance).parallel
-        yield VideoChunk(chunk, videos, x, prompts[0], a.seed, stats)
+        try:
+            yield VideoChunk(chunk, videos, x, prompts[0], a.seed, stats)
+        except GeneratorExit:  # the caller closed the stream; ranks waiting for the next chunk hear it from rank 0
+            if par is not None and (num_chunks is None or chunk + 1 < num_chunks):
+                par.leader_value((False, None))
+            raise
         chunk += 1
     if bar is not None:
         bar.close()

@@ -172,15 +172,6 @@ class ParallelRuntime:
             args = dataclasses.replace(args, seed=everyone[0]["seed"])
         return args
 
-    def check_stream(self) -> None:
-        """`VideoPipeline.stream` runs on every rank at once: under torchrun each rank's script calls it; a spawned
-        group's followers only run dispatched calls, so a stream there is refused (`pipe(prompt, num_frames=N)` runs
-        the stream on every rank and returns the clip)."""
-        if self.leader is not None and not self.leader.in_call():
-            raise ValueError("stream(): a launch='spawn' group runs only whole calls on its ranks; call "
-                             "pipe(prompt, num_frames=N) (it generates the N frames chunk by chunk on every rank), "
-                             "or run the stream under torchrun (every rank iterates it)")
-
     def leader_value(self, value: Any) -> Any:
         """Rank 0's `value` on every rank of the video (a pickled object over the control group)."""
         box = [value]

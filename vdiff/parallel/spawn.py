@@ -10,9 +10,10 @@ Protocol (one gloo group over the N ranks, `Leader.dispatch`): every call of a d
 leader (generation, LoRA and cache changes: see `DISPATCHED`) first broadcasts (method, args, kwargs) to the
 followers, who run the same method; callbacks and progress bars stay on the leader (a cancel still reaches every
 rank: the step callback's stop flag is reduced over the group). When no call comes for `HEARTBEAT_S` seconds the
-leader broadcasts a no-op, so an idle group never reaches a collective timeout. A follower whose leader is gone (its
-socket closes) leaves with an error; a follower that dies makes the leader's next collective fail, and the leader's
-call raises.
+leader broadcasts a no-op, so an idle group never reaches a collective timeout. `stream()` on the leader is
+announced the same way and the followers iterate the same stream (`Leader.stream`). A follower whose leader is gone
+(its socket closes) leaves with an error; a follower that dies makes the leader's next collective fail, and the
+leader's call raises.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Leader:
         self._last = time.monotonic()
         self._stopped = threading.Event()
         self._depth = threading.local()
+        self.streaming = False  # a stream() is open: the followers iterate it too, and no other call may start
         self.heartbeats = 0
         atexit.register(self.close)
 
@@ -94,6 +96,7 @@ class Leader:
         if getattr(self._depth, "n", 0):
             return thunk()
         with self._lock:
+            self._refuse_during_stream(name)
             self._send((name, args, {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}))
             self._depth.n = 1
             try:
@@ -101,6 +104,26 @@ class Leader:
             finally:
                 self._depth.n = 0
                 self._last = time.monotonic()
+
+    def stream(self, make: Callable[[], Any], kwargs: dict[str, Any]) -> Any:
+        """A generator over `make()` (the leader's own stream) whose first step announces `stream(**kwargs)` to the
+        followers, who iterate the same stream in lockstep (vdiff.streaming: each chunk starts with rank 0's go-on
+        or stop). Until it ends or is closed, other calls on the group are refused and heartbeats pause: a stream
+        left unread for longer than the group's timeout (VDIFF_SPAWN_TIMEOUT) breaks the group."""
+        with self._lock:
+            self._refuse_during_stream("stream")
+            self._send(("__stream__", (), {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}))
+            self.streaming = True
+        try:
+            yield from make()
+        finally:
+            self.streaming = False
+            self._last = time.monotonic()
+
+    def _refuse_during_stream(self, name: str) -> None:
+        if self.streaming:
+            raise RuntimeError(f"parallel: {name}() while a stream() of this spawned group is open; iterate the "
+                               f"stream to its end or close() it first")
 
     def in_call(self) -> bool:
         """True inside a dispatched call on this thread (the followers are running the same call)."""
@@ -115,7 +138,7 @@ class Leader:
 
     def _heartbeat(self) -> None:
         while not self._stopped.wait(HEARTBEAT_S / 4):
-            if time.monotonic() - self._last < HEARTBEAT_S:
+            if self.streaming or time.monotonic() - self._last < HEARTBEAT_S:
                 continue
             with self._lock:
                 if self._stopped.is_set():
@@ -249,10 +272,14 @@ def follow(pipe: Any, group: Any) -> None:
             return
         if name == "__noop__":
             continue
-        if name == "__call__":
+        if name in ("__call__", "__stream__"):
             kwargs = {**kwargs, "progress": False}
         try:
-            getattr(pipe, name)(*args, **kwargs)
+            if name == "__stream__":  # the leader's stream, chunk by chunk, until it ends or rank 0 says stop
+                for _ in pipe.stream(**kwargs):
+                    pass
+            else:
+                getattr(pipe, name)(*args, **kwargs)
         except Exception as exc:  # the leader sees the same failure (checks agree on every rank); keep following
             log.info("parallel follower: %s raised %s: %s", name, type(exc).__name__, exc)
 
