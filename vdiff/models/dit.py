@@ -136,18 +136,29 @@ class CrossAttention(Attention):
         v = self.add_v_proj(image_context).unflatten(2, (self.heads, -1))
         return k, v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | TextSwitch) -> torch.Tensor:
+        """Tokens x (B, L, D) attend the text context (B, S, D); with a TextSwitch each token attends its own text
+        (one query and output projection for both)."""
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
+        if isinstance(context, TextSwitch):
+            o = torch.where(context.second_tokens[..., None], self.attend(q, context.second),
+                            self.attend(q, context.first))
+        else:
+            o = self.attend(q, context)
+        return self.out(o, q)
+
+    def attend(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, L, N * Dh) of queries q (B, L, N, Dh) over the context (B, S, D)."""
         image_context = None
         if self.add_k_proj is not None:  # Wan I2V: [image tokens | 512 text tokens]
             n_img = context.shape[1] - WAN_TEXT_LEN
             image_context, context = context[:, :n_img], context[:, n_img:]
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, L, N, Dh)
         k, v = self.context_kv(context)  # (B, S, N, Dh)
-        o = _sdpa(q, k, v)  # (B, L, N, Dh)
+        o = _sdpa(q, k, v).flatten(2).type_as(q)  # (B, L, N * Dh)
         if image_context is not None:
             ki, vi = self.image_kv(image_context)
-            o = o.flatten(2).type_as(q) + _sdpa(q, ki, vi).flatten(2).type_as(q)
-        return self.out(o, q)
+            o = o + _sdpa(q, ki, vi).flatten(2).type_as(q)
+        return o
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -195,9 +206,6 @@ class VideoDiTBlock(nn.Module):
 
     def cross_attention(self, h: torch.Tensor, context: torch.Tensor | TextSwitch) -> torch.Tensor:
         """Attention of tokens h (B, L, D) to the text; with a TextSwitch each token to its own text."""
-        if isinstance(context, TextSwitch):
-            first, second = self.attn2(h, context.first), self.attn2(h, context.second)
-            return torch.where(context.second_tokens[..., None], second, first)
         return self.attn2(h, context)
 
     def forward_modulated(
