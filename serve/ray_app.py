@@ -93,7 +93,8 @@ def ray_starter(use_gpu: bool):
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
         actor = actor_cls.options(**options).remote()
         gpu_env = {"LOCAL_RANK": "0"} if use_gpu else {}  # Ray shows each rank actor its own GPU as cuda:0
-        return RayRank(actor, actor.run.remote(argv, {**env, **gpu_env}), ray.get(actor.pid.remote()))
+        pid = ray.get(actor.pid.remote())  # first: an actor runs its calls in order, and `run` never returns early
+        return RayRank(actor, actor.run.remote(argv, {**env, **gpu_env}), pid)
 
     return start
 
