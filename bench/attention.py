@@ -177,21 +177,32 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
                                      _ctx=ctx), _fwd(backend, ctx, q, k, v),
                                 bwd_reason or _fwdbwd(backend, ctx, qg, kg, vg)))
 
-    rows = []
+    rows, failed = [], []
     for row, _, _ in entries:  # the static masks alone, on a throwaway cache: layout + this impl's artefact
         if row.get("method") in STATIC:
             row["build_s"] = _build_seconds(row["_backend"], row["_ctx"], row["impl"], device)
     for row, fwd, _ in entries:  # first call: mask build + compile
         t0 = time.perf_counter()
-        fwd()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            fwd()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as err:  # a kernel that cannot run here: its row says why, the others are timed
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            print(f"  [{grid}] {row['method']} {row['impl']} {row['options']} failed: {first}", flush=True)
+            failed.append(dict(grid="x".join(map(str, grid)), method=row["method"], impl=row["impl"],
+                               options=row["options"], layer=row["layer"], error=first[:200]))
+            row["_failed"] = True
+            continue
         row["first_s"] = time.perf_counter() - t0
         if "_backend" in row:  # right after its own call: VMoBA's density is that of the last call
             row["density"] = row["_backend"].density(row["_ctx"])
         print(f"  [{grid}] first call {row['method']} {row['impl']} {row['options']}: {row['first_s']:.1f}s",
               flush=True)
 
+    entries = [entry for entry in entries if not entry[0].pop("_failed", False)]
+    if not any(row["method"] == "dense:sdpa" for row, _, _ in entries):
+        return failed  # the reference kernel itself failed: nothing to compare against
     print(f"  [{grid}] timing forward ({repeats} interleaved rounds)...", flush=True)
     fwd_times = time_alternating({i: fwd for i, (_, fwd, _) in enumerate(entries)}, warmup=args.warmup,
                                  repeats=repeats, device=device)
@@ -227,7 +238,7 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
         else:
             out.update(fwdbwd_ms=f"n/a ({fb})")
         rows.append(out)
-    return rows
+    return rows + failed
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # after every shape: a run stopped by its time budget (bench.gpu) keeps the shapes it finished
         write_result("attention", rows, meta=dict(meta, shapes_done=done))
     columns = ["grid", "method", "impl", "options", "layer", "density", "blocks", "fwd_ms", "x_sdpa", "x_best", "ideal",
-               "frac", "fwdbwd_ms", "fwdbwd_x_best", "fwdbwd_frac", "build_s", "first_s"]
+               "frac", "fwdbwd_ms", "fwdbwd_x_best", "fwdbwd_frac", "build_s", "first_s", "error"]
     print_table(rows, columns, title=f"attention: {set_name} shapes, batch {args.batch}, heads/dim per shape "
                                      f"{[(s['heads'], s['dim'], s['dtype']) for s in shapes]}")
     return rows
