@@ -36,8 +36,8 @@ def _now() -> float:
 class VideoJob:
     """One API job: status, progress, timings and an append-only event log, written by the worker thread."""
 
-    def __init__(self, job: Job, model: str):
-        self.id = "video_" + secrets.token_urlsafe(16)
+    def __init__(self, job: Job, model: str, id_prefix: str = ""):
+        self.id = "video_" + id_prefix + secrets.token_urlsafe(16)
         self.job, self.model = job, model
         self.status = "queued"
         self.steps_done, self.chunks_sent = 0, 0
@@ -155,16 +155,17 @@ class VideoJob:
 
 
 class JobStore:
-    """The API's jobs by id, newest last; at most `max_jobs` records (the oldest ended ones are forgotten)."""
+    """The API's jobs by id, newest last; at most `max_jobs` records (the oldest ended ones are forgotten).
+    `id_prefix`: put in front of every job's random part (serve/ray_app.py: which replica holds the job)."""
 
-    def __init__(self, pool: WorkerPool, model: str, max_jobs: int = 256):
-        self.pool, self.model, self.max_jobs = pool, model, max_jobs
+    def __init__(self, pool: WorkerPool, model: str, max_jobs: int = 256, id_prefix: str = ""):
+        self.pool, self.model, self.max_jobs, self.id_prefix = pool, model, max_jobs, id_prefix
         self._jobs: OrderedDict[str, VideoJob] = OrderedDict()
         self._lock = threading.Lock()
 
     def submit(self, request: GenerationRequest) -> VideoJob:
         """Queue a checked request on the pool (raises `ServerBusy` at once when its queue is full)."""
-        vj = VideoJob(self.pool.submit(request), self.model)
+        vj = VideoJob(self.pool.submit(request), self.model, self.id_prefix)
         with self._lock:
             self._jobs[vj.id] = vj
             ended = [k for k, j in self._jobs.items() if j.status in TERMINAL]

@@ -1,6 +1,7 @@
 """serve/ray_app.py on a local Ray instance (CPU): two replicas of one rank each behind Ray Serve's HTTP proxy
 answer concurrent /generate requests with the one-process video (the same frames through the same encoder), bad
-input gets a 400 naming the field, and both replicas serve (their /v1/status pids); then one replica of two ranks
+input gets a 400 naming the field, and both replicas serve (their /v1/status pids); the /v1/videos job API works
+through either replica (create, events, status, content, cancel, list); then one replica of two ranks
 (cfg=2, the follower a Ray actor) answers the same video."""
 
 from __future__ import annotations
@@ -55,6 +56,39 @@ def test_two_replicas_on_ray_serve_generate_the_one_process_video(tmp_path):
         assert bad.status_code == 400 and "num_frames" in bad.json()["error"]
         pids = {httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=30).json()["pid"] for _ in range(24)}
         assert len(pids) == 2
+
+        # The job API: a job lives in one replica; Serve sends each request to either, which forwards it.
+        api = f"http://127.0.0.1:{port}/v1"
+        created = httpx.post(f"{api}/videos", json=body, timeout=60)
+        assert created.status_code == 201 and created.json()["status"] in ("queued", "in_progress"), created.text
+        vid = created.json()["id"]
+        with httpx.stream("GET", f"{api}/videos/{vid}/events", timeout=300) as r:  # ends when the job does
+            events = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
+        assert events[0] == "status" and "progress" in events and events[-1] == "completed", events
+        owner = vid[len("video_"):len("video_") + 8]
+        answers = []
+        while len(answers) < 64 and len({a.headers["x-vdiff-received-by"] for a in answers}) < 2:
+            answers.append(httpx.get(f"{api}/videos/{vid}", timeout=30))  # until both replicas received one
+        assert all(a.status_code == 200 and a.json()["status"] == "completed" and a.json()["progress"] == 100
+                   for a in answers)
+        receivers = {a.headers["x-vdiff-received-by"] for a in answers}
+        assert owner in receivers and len(receivers) == 2  # some came through the other replica, which forwarded
+        content = httpx.get(f"{api}/videos/{vid}/content", timeout=60)
+        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+        (tmp_path / "job.mp4").write_bytes(content.content)
+        np.testing.assert_array_equal(decode_video(tmp_path / "job.mp4"), ref)
+        long = httpx.post(f"{api}/videos", json={**body, "num_inference_steps": 100}, timeout=60).json()["id"]
+        assert httpx.delete(f"{api}/videos/{long}", timeout=30).status_code == 200
+        for _ in range(100):  # it stops at its next denoising step
+            state = httpx.get(f"{api}/videos/{long}", timeout=30).json()
+            if state["status"] == "cancelled":
+                break
+        assert state["status"] == "cancelled" and state["steps_done"] < 100, state
+        listed = [job["id"] for job in httpx.get(f"{api}/videos", timeout=30).json()["data"]]
+        assert listed[:2] == [long, vid]  # newest first, whichever replica holds each
+        assert httpx.get(f"{api}/videos/video_00000000nope", timeout=30).status_code == 404
+        bad = httpx.post(f"{api}/videos", json={**body, "num_frames": 10 ** 6}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_frames"
 
         # One replica of two ranks (cfg=2): its follower is a Ray actor in the replica's placement group.
         serve.delete("vdiff")
