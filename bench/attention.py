@@ -40,7 +40,7 @@ import torch
 from bench.common import median, print_table, time_alternating, write_result
 from vdiff.attention import AttentionContext, MaskCache, available, get_backend, sparse_pattern
 from vdiff.config import AttentionConfig, RadialConfig, SlidingTileConfig, VMoBAConfig
-from vdiff.runtime import default_device
+from vdiff.runtime import default_device, first_line
 
 CONFIG_CLASSES = {"radial": RadialConfig, "sliding_tile": SlidingTileConfig, "vmoba": VMoBAConfig}
 STATIC = ("radial", "sliding_tile")  # methods with a gather / reference path of the same block pattern
@@ -188,7 +188,7 @@ def bench_shape(shape: dict, args, device: torch.device, methods: list[str]) -> 
             if device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as err:  # a kernel that cannot run here: its row says why, the others are timed
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             print(f"  [{grid}] {row['method']} {row['impl']} {row['options']} failed: {first}", flush=True)
             failed.append(dict(grid="x".join(map(str, grid)), method=row["method"], impl=row["impl"],
                                options=row["options"], layer=row["layer"], error=first[:200]))

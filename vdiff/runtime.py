@@ -21,6 +21,11 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that was free a moment ago (for a test server or a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

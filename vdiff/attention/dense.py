@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from vdiff.attention.flex import flex_backward_reason, flex_run, flex_unavailable_reason, is_cuda
 from vdiff.attention.registry import AttentionBackend, BackendUnavailable, register_backend
+from vdiff.runtime import first_line
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,8 +57,8 @@ def _kernel_probe(name: str, device: str, call) -> str | None:
             call(torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16))  # [B, L, H, D]
             _KERNEL_PROBED[name, device] = None
         except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            _KERNEL_PROBED[name, device] = (f"{name} imports but its kernels do not run on {device} ({first}); "
+            _KERNEL_PROBED[name, device] = (f"{name} imports but its kernels do not run on {device} "
+                                            f"({first_line(err)}); "
                                             f"install a wheel built for this torch and Python")
     return _KERNEL_PROBED[name, device]
 

@@ -204,10 +204,6 @@ class VideoDiTBlock(nn.Module):
     ) -> torch.Tensor:
         return self.forward_modulated(x, self.modulated_input(x, temb), context, temb, rope, ctx)
 
-    def cross_attention(self, h: torch.Tensor, context: torch.Tensor | TextSwitch) -> torch.Tensor:
-        """Attention of tokens h (B, L, D) to the text; with a TextSwitch each token to its own text."""
-        return self.attn2(h, context)
-
     def forward_modulated(
         self,
         x: torch.Tensor,  # (B, L, D)
@@ -224,7 +220,7 @@ class VideoDiTBlock(nn.Module):
         x = (x.float() + self.attn1(modulated.type_as(x), rope, ctx) * gate_sa).type_as(x)  # (B, L, D)
 
         h = self.norm2(x.float()).type_as(x)
-        x = x + self.cross_attention(h, context)  # (B, L, D)
+        x = x + self.attn2(h, context)  # (B, L, D); with a TextSwitch each token attends its own text
 
         h = (self.norm3(x.float()) * (1 + scale_ff) + shift_ff).type_as(x)
         x = (x.float() + self.ffn(h).float() * gate_ff).type_as(x)  # (B, L, D)

@@ -96,8 +96,7 @@ class Leader:
         if getattr(self._depth, "n", 0):
             return thunk()
         with self._lock:
-            self._refuse_during_stream(name)
-            self._send((name, args, {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}))
+            self._announce(name, args, kwargs)
             self._depth.n = 1
             try:
                 return thunk()
@@ -111,8 +110,7 @@ class Leader:
         or stop). Until it ends or is closed, other calls on the group are refused and heartbeats pause: a stream
         left unread for longer than the group's timeout (VDIFF_SPAWN_TIMEOUT) breaks the group."""
         with self._lock:
-            self._refuse_during_stream("stream")
-            self._send(("__stream__", (), {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}))
+            self._announce("__stream__", (), kwargs)
             self.streaming = True
         try:
             yield from make()
@@ -120,10 +118,14 @@ class Leader:
             self.streaming = False
             self._last = time.monotonic()
 
-    def _refuse_during_stream(self, name: str) -> None:
+    def _announce(self, name: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Broadcast one call to the followers (its LOCAL_ONLY arguments left out); refused while a stream is open,
+        since the followers are inside it."""
         if self.streaming:
-            raise RuntimeError(f"parallel: {name}() while a stream() of this spawned group is open; iterate the "
+            shown = "stream" if name == "__stream__" else name
+            raise RuntimeError(f"parallel: {shown}() while a stream() of this spawned group is open; iterate the "
                                f"stream to its end or close() it first")
+        self._send((name, args, {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}))
 
     def in_call(self) -> bool:
         """True inside a dispatched call on this thread (the followers are running the same call)."""
