@@ -1,7 +1,7 @@
 """One video on several processes (vdiff.parallel.inference): CFG parallel and Ulysses under real gloo processes equal
-one process; a causal model streams under cfg=2 as in one process; the text encoder runs once; a request that
-differs between ranks raises on every rank; bad degrees fail before any weight loads; mesh layouts of 8, 16 and 72
-ranks under torch's fake process group."""
+one process; a causal model streams under cfg=2, ulysses=2 and both as in one process; the text encoder runs once;
+a request that differs between ranks raises on every rank; bad degrees fail before any weight loads; mesh layouts of
+8, 16 and 72 ranks under torch's fake process group."""
 
 from __future__ import annotations
 
@@ -188,7 +188,11 @@ def test_two_ranks_equal_one_process(tmp_path):
         # rank 1 alone cancels at its 4th step (chunk 1, step 0): both ranks stop after the same step
         assert "at chunk 1, after step 1/3" in res["causal/cancel"], res["causal/cancel"]
         assert res["causal/cancel"].endswith("| 4 steps seen"), res["causal/cancel"]
-        assert "ulysses=2: a causal (chunk-by-chunk) model generates under cfg=2" in res["causal/ulysses"]
+        for key in ("causal/ulysses/cached", "causal/ulysses/reference", "causal/ulysses/live_switch",
+                    "causal/ulysses/split"):
+            assert res[key]["latent_scale"] > 0.1 and res[key]["latent_err"] <= TOL, (r, key, res[key])
+        one_bytes, rank_bytes = res["causal/ulysses/kv_bytes"]
+        assert rank_bytes * 2 == one_bytes > 0, res["causal/ulysses/kv_bytes"]  # half the heads on each rank
         assert res["ulysses2/odd_split"] == [27, 28]
         assert "seed: rank 0 = 0, rank 1 = 1" in res["mismatch/seed"]
         assert "prompt: rank 0" in res["mismatch/prompt"]
@@ -204,8 +208,9 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_cfg2_x_ulysses2_on_four_ranks_equals_one_process(tmp_path):
     ranks = _run(_save_tiny(tmp_path / "p"), tmp_path, 4, "four")
     for r, res in enumerate(ranks):
-        for key in ("cfg2xulysses2", "cfg2xulysses2/odd", "cfg2xulysses2/vae4"):
+        for key in ("cfg2xulysses2", "cfg2xulysses2/odd", "cfg2xulysses2/vae4", "causal/cfg2xulysses2"):
             assert res[key]["latent_err"] <= TOL and res[key]["frame_err"] <= 1, (r, key, res[key])
+        assert res["causal/cfg2xulysses2"]["latent_scale"] > 0.1
     assert len({res["frames_digest"] for res in ranks}) == 1
 
 
@@ -351,20 +356,23 @@ def _worker(folder: str, out: str, mode: str) -> None:
             folder, parallel=ParallelConfig(cfg=2, ulysses=2, vae=4)), **ODD)  # 6 latent rows: bands 2, 2, 1, 1
         video, _ = generate(both, **SMALL)
         res["frames_digest"] = hashlib.sha256(video.videos.tobytes()).hexdigest()
+        causal = _causal_folder(Path(out), rank)  # each cfg rank one branch, each ulysses rank one head
+        prompt, switch = "a red circle moving right", {2: "a blue square moving up"}
+        ref = [c.latents for c in VideoPipeline.from_pretrained(causal).stream(prompt, seed=3, num_chunks=4,
+                                                                               prompts=switch)]
+        got = [c.latents for c in VideoPipeline.from_pretrained(causal, parallel=ParallelConfig(cfg=2, ulysses=2))
+               .stream(prompt, seed=3, num_chunks=4, prompts=switch)]
+        res["causal/cfg2xulysses2"] = {"latent_err": max((x - y).abs().max().item() for x, y in zip(got, ref)),
+                                       "latent_scale": min(x.abs().max().item() for x in ref), "frame_err": 0}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, default=float))
     dist.destroy_process_group()
 
 
-def _causal_under_cfg2(out: Path, rank: int) -> dict:
-    """A causal model under cfg=2 vs one process: the cached stream (each rank its branch's K/V), the reference (the
-    whole history recomputed), a prompt switch given by the call and one added on rank 0 alone while the stream runs,
-    pipe(...) collecting the stream, a cancel on rank 1 alone, ulysses refused."""
-    import numpy as np
+def _causal_folder(out: Path, rank: int) -> Path:
+    """A tiny causal pipeline (2 heads, chunks of 2 frames, sink 1, window 1), saved by rank 0."""
     import torch
 
-    from vdiff import ParallelConfig
     from vdiff.config import CausalConfig, model_preset
-    from vdiff.diffusion.sampling import Cancelled
     from vdiff.pipeline import PipelineConfig, VideoPipeline
 
     folder = out / "causal"
@@ -375,15 +383,31 @@ def _causal_under_cfg2(out: Path, rank: int) -> dict:
                                 text_max_length=16, cache=["text_kv", "causal_kv"], context_noise=0.1)
         VideoPipeline.from_model_config(model, config=config, seed=0).save_pretrained(folder)
     torch.distributed.barrier()
+    return folder
+
+
+def _causal_under_cfg2(out: Path, rank: int) -> dict:
+    """A causal model under cfg=2 vs one process: the cached stream (each rank its branch's K/V), the reference (the
+    whole history recomputed), a prompt switch given by the call and one added on rank 0 alone while the stream runs,
+    pipe(...) collecting the stream, a cancel on rank 1 alone; the same streams under ulysses=2."""
+    import numpy as np
+
+    from vdiff import ParallelConfig
+    from vdiff.cache.causal_kv import CausalKVCacheConfig
+    from vdiff.diffusion.sampling import Cancelled
+    from vdiff.pipeline import VideoPipeline
+
+    folder = _causal_folder(out, rank)
     one = VideoPipeline.from_pretrained(folder)
     two = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(cfg=2))
+    uly = VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(ulysses=2))
     prompt, switch = "a red circle moving right", {2: "a blue square moving up"}
 
-    def err(kw: dict, live: bool = False) -> dict:
+    def err(kw: dict, live: bool = False, pipe=two) -> dict:
         ref = [c.latents for c in one.stream(prompt, seed=3, num_chunks=4, prompts=dict(switch), **kw)]
         asked: dict = {} if live else dict(switch)
         got = []
-        for c in two.stream(prompt, seed=3, num_chunks=4, prompts=asked, **kw):
+        for c in pipe.stream(prompt, seed=3, num_chunks=4, prompts=asked, **kw):
             got.append(c.latents)
             if live and rank == 0 and c.index == 0:
                 asked[2] = switch[2]  # steering on rank 0 (the caller / server) reaches rank 1
@@ -391,7 +415,14 @@ def _causal_under_cfg2(out: Path, rank: int) -> dict:
                 "latent_scale": min(x.abs().max().item() for x in ref)}
 
     res = {"causal/cached": err({}), "causal/reference": err({"cache": ["text_kv"]}),
-           "causal/live_switch": err({}, live=True)}
+           "causal/live_switch": err({}, live=True),
+           # Ulysses: each rank's KV buffers hold its head group (window 1: chunk 3 evicts chunk 1)
+           "causal/ulysses/cached": err({}, pipe=uly),
+           "causal/ulysses/reference": err({"cache": ["text_kv"]}, pipe=uly),
+           "causal/ulysses/live_switch": err({}, live=True, pipe=uly),
+           "causal/ulysses/split": err({"cache": ["text_kv", CausalKVCacheConfig(external="split")]}, pipe=uly)}
+    res["causal/ulysses/kv_bytes"] = [list(p.stream(prompt, seed=3, num_chunks=1))[0].stats["kv_bytes"]
+                                      for p in (one, uly)]
     a = one(prompt, seed=4, num_frames=6)
     b = two(prompt, seed=4, num_frames=6)
     res["causal/call_frame_err"] = int(np.abs(a.videos.astype(int) - b.videos.astype(int)).max())
@@ -403,11 +434,6 @@ def _causal_under_cfg2(out: Path, rank: int) -> dict:
         res["causal/cancel"] = "no error"
     except Cancelled as exc:
         res["causal/cancel"] = f"{exc} | {len(seen)} steps seen"
-    try:
-        VideoPipeline.from_pretrained(folder, parallel=ParallelConfig(ulysses=2))
-        res["causal/ulysses"] = "no error"
-    except ValueError as exc:
-        res["causal/ulysses"] = str(exc)
     return res
 
 

@@ -14,7 +14,8 @@ positions chunk c sees them in). When `state.store` is set, the forward also wri
 the sampler sets it for the commit forward ("clean": the denoised chunk at t = context_noise, Self-Forcing's
 convention) or for the chunk's last denoising step ("last_step": cheaper, approximate). Without the hook, the
 sampler recomputes the whole history every step (`vdiff.models.causal.causal_attention`): the reference this cache
-equals.
+equals. Under Ulysses (`ctx.sequence_parallel`) the hook gathers the chunk's tokens and scatters the heads first, as
+`causal_attention` does, so each rank's buffers hold its head group's K/V for every token of the chunks it keeps.
 
 `external` (FlashBlock's block-external attention): the current chunk's attention is split into the part over the
 stored keys ("external") and the part over its own keys, each with its log-sum-exp, merged exactly. "split" does
@@ -131,6 +132,10 @@ class _CausalKVHook(ModelHook):
             raise ValueError(f"causal_kv: a cached forward holds one chunk, got entries {layout.entries}")
         c = layout.entries[0][0]
         q, k, v = module.project(x)  # (B, n, N, Dh) raw
+        like = q
+        sp = ctx.sequence_parallel
+        if sp is not None:  # Ulysses: the chunk's every token on this rank for its share of the heads, so the
+            q, k, v = sp.gather(q, k, v)  # buffer holds (B, slots * n, N / world, Dh): this rank's head group
         buf = state.layers.get(ctx.layer)
         if buf is None:
             buf = state.layers[ctx.layer] = _LayerBuffer(k, layout.chunk_tokens, layout.config.sink_chunks,
@@ -156,12 +161,12 @@ class _CausalKVHook(ModelHook):
             o = _split_attention(q_now, keys, values, n, state, ctx.layer, c, ctx.step)
         else:
             sub = dataclasses.replace(ctx, grid=(layout.frames, *layout.hw), causal=None, kv_cache=None,
-                                      key_frames=len(chunks) * layout.frames)
+                                      sequence_parallel=None, key_frames=len(chunks) * layout.frames)
             o = dispatch(q_now, keys, values, sub)
         state.attended_tokens = keys.shape[1]
         if state.store:
             buf.write(c, k_now if absolute else k, v)
-        return module.out(o, q)
+        return module.out(sp.scatter(o) if sp is not None else o, like)
 
 
 def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

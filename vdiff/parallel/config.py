@@ -104,12 +104,7 @@ class ParallelConfig:
                              f"product is {world}")
 
     def check_model(self, model_config: dict[str, Any], world_size: int | None = None) -> None:
-        """`check` against a transformer's config.json (read before its weights); a causal model runs under cfg
-        parallel only."""
-        if self.ulysses > 1 and model_config.get("causal"):
-            raise ValueError(f"parallel.ulysses={self.ulysses}: a causal (chunk-by-chunk) model generates under cfg=2 "
-                             "(each rank keeps its branch's KV cache) but not under Ulysses yet (the causal KV cache "
-                             "does not split with the heads); use ulysses=1")
+        """`check` against a transformer's config.json (read before its weights)."""
         self.check(int(model_config["num_attention_heads"]), world_size)
 
 
