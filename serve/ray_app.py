@@ -135,20 +135,26 @@ class InternalAPI:
     """serve/api.py's job API over one replica's JobStore, on a port of the replica's node, behind a bearer token."""
 
     def __init__(self, jobs: Any, limits: Any, token: str):
+        import socket
+
         import uvicorn
         from fastapi import FastAPI
         from ray.util import get_node_ip_address
 
         from serve.api import add_api
-        from vdiff.runtime import free_port
 
         app = FastAPI(title="vdiff replica job API")
         add_api(app, jobs, limits, auth=("vdiff", token))
         host = get_node_ip_address()
-        port = free_port(host)
-        self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-        threading.Thread(target=self.server.run, name="vdiff-internal-api", daemon=True).start()
+        # Bound here and handed to uvicorn: a port picked now and bound later can be taken in between (Ray starts
+        # processes that bind ephemeral ports all the time).
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, 0))
+        self.url = f"http://{host}:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="vdiff-internal-api",
+                         daemon=True).start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             if time.monotonic() > deadline:
@@ -156,7 +162,7 @@ class InternalAPI:
             time.sleep(0.05)
 
     def close(self) -> None:
-        self.server.should_exit = True
+        self.server.should_exit = True  # uvicorn's shutdown closes the socket (asyncio's server owns it)
 
 
 def build_app(checkpoint: str | Path, *, ranks: int = 1, parallel: dict[str, Any] | None = None,

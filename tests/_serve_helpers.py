@@ -51,6 +51,25 @@ class StepControl:
             self.held.clear()
 
 
+def port_outside_ephemeral_range(host: str = "127.0.0.1") -> int:
+    """A free TCP port below the kernel's ephemeral range, for a server that binds it later (Ray Serve's proxy):
+    processes that bind port 0 meanwhile (Ray starts many) cannot take it."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else 32768
+    ports = range(20000, max(20001, low))  # above Ray's worker ports (10002-19999)
+    for port in random.Random().sample(ports, min(200, len(ports))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000..{low - 1} on {host}")
+
+
 def decode_video(path: str | Path) -> np.ndarray:
     """All frames of a video file as uint8 (T, H, W, 3), decoded with PyAV (what a player would show)."""
     with av.open(str(path)) as container:

@@ -12,7 +12,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from _serve_helpers import decode_video, save_tiny_pipeline
+from _serve_helpers import decode_video, port_outside_ephemeral_range, save_tiny_pipeline
 
 ray = pytest.importorskip("ray")
 
@@ -23,10 +23,8 @@ def test_two_replicas_on_ray_serve_generate_the_one_process_video(tmp_path):
 
     from serve.ray_app import build_app
     from vdiff import VideoPipeline
-    from vdiff.runtime import free_port
-
     folder = save_tiny_pipeline(tmp_path / "p")
-    port = free_port()
+    port = port_outside_ephemeral_range()  # Serve's proxy binds it after Ray has started its processes
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
