@@ -106,6 +106,14 @@ def test_teacher_forcing_resume_is_exact_and_the_export_streams(tmp_path):
     assert report["kind"] == "long" and len(report["results"]["per_chunk"]) == 4
     assert report["settings"]["switch_clips"] == 1 and "switch_followed" in report["switch"]
     assert report["results"]["seam_ratio"] > 0 and "all-correct" in done.stdout
+    # per clip, chunk by chunk, what was read; the per-chunk table is their mean
+    clips = report["per_clip"]
+    assert [len(c["read"]) for c in clips] == [4] * 4 and all(len(r) == 3 for c in clips for r in c["read"])
+    for c, row in enumerate(report["results"]["per_chunk"]):
+        wanted = [c_["prompt"].split() for c_ in clips]  # "a {colour} {shape} moving {direction}"
+        read = [c_["read"][c] for c_ in clips]
+        assert row["colour"] == sum(r[0] == w[1] for r, w in zip(read, wanted)) / 4
+    assert len(report["switch_per_clip"]) == 1 and report["switch_per_clip"][0]["new_prompt"] != clips[0]["prompt"]
 
 
 def test_causal_objectives_need_a_causal_model():

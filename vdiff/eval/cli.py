@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: num_chunks is for causal (long-video) checkpoints; this one generates whole clips",
               file=sys.stderr)
         return 2
+    if causal and args.save_clips is not None:
+        print("error: --save-clips is for whole-clip checkpoints; a causal eval keeps its per-chunk readings in the "
+              "report (per_clip)", file=sys.stderr)
+        return 2
     try:
         if causal:
             from vdiff.eval.long_run import format_long_report, run_long_eval

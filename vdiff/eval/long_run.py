@@ -46,19 +46,23 @@ def _generate(pipe: Any, prompts: list[str], cfg: EvalConfig, num_chunks: int, s
     return clips, in_force, (time.perf_counter() - t0) / max(1, len(prompts) * num_chunks)
 
 
-def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True, switch: bool = True) -> dict[str, Any]:
+    """The long eval's report. `switch=False` leaves out the prompt-switch clips (a test regenerating a prefix of
+    the plain clips: chunk c of a stream does not depend on how many chunks follow it)."""
     from tqdm.auto import tqdm
 
     num_chunks = cfg.num_chunks or 16
     per = pipe.transformer.causal_config.chunk_frames * pipe.vae.stride[0]
     prompts = eval_prompts(cfg.num_clips, cfg.seed)
-    switch_prompts = prompts[: max(1, cfg.num_clips // 4)]
+    switch_prompts = prompts[: max(1, cfg.num_clips // 4)] if switch else []
     bar = tqdm(total=len(prompts) + len(switch_prompts), desc="eval (long)", unit="clip", disable=not progress)
     clips, in_force, s_chunk = _generate(pipe, prompts, cfg, num_chunks, None, bar)
     scores = [score_long_clip(c, f, per) for c, f in zip(clips, in_force)]
     at = num_chunks // 2
-    s_clips, s_force, _ = _generate(pipe, switch_prompts, cfg, num_chunks, at, bar)
-    s_scores = [score_long_clip(c, f, per, switch_at=at) for c, f in zip(s_clips, s_force)]
+    s_scores = []
+    if switch_prompts:
+        s_clips, s_force, _ = _generate(pipe, switch_prompts, cfg, num_chunks, at, bar)
+        s_scores = [score_long_clip(c, f, per, switch_at=at) for c, f in zip(s_clips, s_force)]
     bar.close()
     pc = pipe.config
     return {
@@ -71,7 +75,12 @@ def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True) -> dict[
                      "switch_clips": len(switch_prompts), "switch_at": at},
         "config": asdict(cfg),
         "results": summarize_long(scores),
-        "switch": summarize_long(s_scores),
+        "switch": summarize_long(s_scores) if s_scores else {},
+        # per clip: its prompt and, chunk by chunk, the (colour, shape, direction) read (switch: the new prompt's)
+        "per_clip": [{"prompt": p, "read": [row["read"] for row in sc["chunks"]]} for p, sc in zip(prompts, scores)],
+        "switch_per_clip": [{"prompt": p, "new_prompt": f[-1], "followed": bool(sc["switch_followed"]),
+                             "read": [row["read"] for row in sc["chunks"]]}
+                            for p, f, sc in zip(switch_prompts, s_force, s_scores)] if s_scores else [],
         "seconds_per_chunk": s_chunk,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "device": str(pipe.device)},
@@ -89,6 +98,6 @@ def format_long_report(report: dict[str, Any]) -> str:
     lines += [f"all-correct {_pct(r['all_correct'])} (first 4 chunks {_pct(r['first4_all_correct'])}, last 4 "
               f"{_pct(r['last4_all_correct'])}); seam ratio {r['seam_ratio']:.3f}",
               f"prompt switch at chunk {s['switch_at']} ({s['switch_clips']} clips): followed within one chunk "
-              f"{_pct(sw.get('switch_followed'))}",
+              f"{_pct(sw.get('switch_followed'))}" if sw else "no prompt-switch clips",
               f"{report['seconds_per_chunk']:.3f} s per chunk ({report['machine']['device']})"]
     return "\n".join(lines)
