@@ -162,6 +162,24 @@ def test_call_on_a_causal_model_collects_the_stream():
     assert (out.frames == torch.cat([torch.from_numpy(c.frames) for c in chunks]).numpy()).all()
 
 
+def test_sampler_and_shift_per_call_are_the_schedulers_they_name():
+    """stream / __call__ with sampler= and shift= run every chunk on that scheduler: equal to a pipeline whose folder
+    scheduler is that one, and different from the default."""
+    from vdiff.diffusion.sampling import fresh_scheduler, sampler_name
+
+    pipe = _pipe()
+    default = _latents(pipe, num_chunks=3)
+    asked = _latents(pipe, num_chunks=3, sampler="euler", shift=2.0)
+    assert sampler_name(pipe.scheduler) != "euler"
+    pipe.scheduler = fresh_scheduler(pipe.scheduler, "euler", 2.0)  # the same scheduler as the folder's
+    for a, b in zip(asked, _latents(pipe, num_chunks=3)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert max((a - b).abs().max().item() for a, b in zip(asked, default)) > 1e-3
+    clip = pipe(PROMPT, num_frames=6, seed=3, shift=2.0, sampler="euler")  # the call collects that stream
+    assert (clip.frames == torch.cat([torch.from_numpy(c.frames) for c in pipe.stream(PROMPT, seed=3, num_chunks=3)])
+            .numpy()).all()
+
+
 def test_bad_input_names_the_argument():
     pipe = _pipe()
     with pytest.raises(ValueError, match="num_chunks must be None .* or an int >= 1, got 0"):

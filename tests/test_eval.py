@@ -16,6 +16,7 @@ import pytest
 from vdiff.data.shapes import HELD_OUT, all_combinations, caption, parse_caption
 from vdiff.eval.run import HELD_OUT_EVERY, EvalConfig, eval_prompts, run_eval
 from vdiff.eval.shapes_eval import evaluate_clip
+from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT
 from vdiff.runtime import BUNDLED_CHECKPOINT as CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +129,27 @@ def test_roundness_probe_reads_the_bundled_models_circles():
     rs, ns, _ = probe_layout.x0_roundness(pipe, 0.1, *dims, jitter, "square")
     assert n == 6 and nc >= 4, (rc, nc)
     assert rc > 0.2 and rs < rc - 0.05 and ns < nc, (rc, rs, nc, ns)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BUNDLED_CAUSAL_CHECKPOINT / "transformer").is_dir(),
+                    reason="checkpoints/shapes-causal is not built")
+def test_bundled_causal_model_reproduces_its_eval_report():
+    """checkpoints/shapes-causal/eval.json is what the committed causal checkpoint does: the first batch of its plain
+    clips (48 clips, seed 0, the checkpoint's default settings) is regenerated for its first 6 chunks (chunk c of a
+    stream does not depend on the chunks after it) and read again chunk by chunk; a few readings may differ between
+    machines (float rounding can move a borderline reading). Its default window is finite (flat cost per chunk)."""
+    from vdiff.eval.long_run import run_long_eval
+    from vdiff.pipeline import VideoPipeline
+
+    committed = json.loads((BUNDLED_CAUSAL_CHECKPOINT / "eval.json").read_text())
+    settings = committed["settings"]
+    assert (settings["batch_size"], settings["seed"], settings["num_chunks"]) == (48, 0, 16)
+    pipe = VideoPipeline.from_pretrained(BUNDLED_CAUSAL_CHECKPOINT)
+    assert pipe.transformer.causal_config.window_chunks is not None
+    report = run_long_eval(pipe, EvalConfig(num_clips=48, batch_size=48, seed=0, num_chunks=6), progress=False,
+                           switch=False)
+    rows, expected = report["per_clip"], committed["per_clip"][:48]
+    assert [r["prompt"] for r in rows] == [e["prompt"] for e in expected]
+    same = sum(a == b for r, e in zip(rows, expected) for a, b in zip(r["read"], e["read"][:6]))
+    assert same >= 0.95 * 48 * 6, f"only {same}/{48 * 6} chunk readings as in the committed eval.json"

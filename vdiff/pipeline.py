@@ -230,13 +230,14 @@ class VideoPipeline(LoraPipelineMixin):
                prompts: dict[int, str] | None = None, cache: Sequence[str | CacheConfig] | None = None,
                callback: Callable[[int, int, torch.Tensor], Any] | None = None, negative_prompt: Any = None,
                height: int | None = None, width: int | None = None, attention: Any = None,
+               sampler: str | None = None, shift: float | None = None,
                progress: bool = False) -> Iterator[VideoChunk]:
         """Generate a causal model's video chunk by chunk (vdiff.streaming): yields `VideoChunk`s (`.index`,
         `.frames` uint8 (t, H, W, 3), `.stats`). num_chunks None: until the caller stops iterating. prompts={k: text}
         switches the prompt at chunk k; entries added while iterating take effect at their chunk if it has not
-        started (live steering). attention: as for __call__. cache: None = the pipeline's caches (with causal_kv:
-        each chunk attends to stored K/V); a list without causal_kv recomputes the whole history at every step (the
-        reference)."""
+        started (live steering). attention, sampler, shift: as for __call__ (every chunk). cache: None = the
+        pipeline's caches (with causal_kv: each chunk attends to stored K/V); a list without causal_kv recomputes the
+        whole history at every step (the reference)."""
         from vdiff.streaming import check_stream_args, stream_chunks
 
         switches = check_stream_args(num_chunks, prompts)
@@ -245,12 +246,12 @@ class VideoPipeline(LoraPipelineMixin):
             request = dict(prompt=prompt, num_chunks=num_chunks, seed=seed, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, prompts=prompts, cache=cache, callback=callback,
                            negative_prompt=negative_prompt, height=height, width=width, attention=attention,
-                           progress=progress)
+                           sampler=sampler, shift=shift, progress=progress)
             return leader.stream(lambda: self.stream(**request), request)  # the followers iterate it too
 
         def resolve() -> _CallArgs:
             a = self._resolve(prompt, negative_prompt, self.chunk_pixel_frames, height, width, num_inference_steps,
-                              guidance_scale, seed, attention, cache, callback, None, None)
+                              guidance_scale, seed, attention, cache, callback, sampler, shift)
             if "step" in a.caches:
                 raise ValueError("cache: the step cache does not apply to chunk-by-chunk generation; leave 'step' "
                                  "out")
@@ -424,12 +425,9 @@ class VideoPipeline(LoraPipelineMixin):
         if self.transformer.causal_config is not None:
             from vdiff.streaming import collect
 
-            for name, value in (("attention", attention), ("sampler", sampler), ("shift", shift)):
-                if value is not None:
-                    raise ValueError(f"{name}: a causal model generates chunk by chunk with its folder's {name}; "
-                                     "choosing another per call is not supported yet")
             return collect(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                           guidance_scale, seed, cache, callback, progress)
+                           guidance_scale, seed, cache, callback, progress, attention=attention, sampler=sampler,
+                           shift=shift)
         resolve = functools.partial(self._resolve, prompt, negative_prompt, num_frames, height, width,
                                     num_inference_steps, guidance_scale, seed, attention, cache, callback, sampler,
                                     shift)

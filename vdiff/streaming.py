@@ -202,7 +202,8 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
 
 
 def collect(pipe: Any, prompt: Any, negative_prompt: Any, num_frames: Any, height: Any, width: Any, steps: Any,
-            guidance: Any, seed: Any, cache: Any, callback: Any, progress: bool = False) -> Any:
+            guidance: Any, seed: Any, cache: Any, callback: Any, progress: bool = False, attention: Any = None,
+            sampler: str | None = None, shift: float | None = None) -> Any:
     """`VideoPipeline.__call__` on a causal model: `num_frames` / frames-per-chunk chunks of `stream`, one clip."""
     from vdiff.outputs import PipelineStats, VideoOutput
 
@@ -214,7 +215,7 @@ def collect(pipe: Any, prompt: Any, negative_prompt: Any, num_frames: Any, heigh
     t0 = time.perf_counter()
     gen = pipe.stream(prompt, num_chunks=frames // per, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
                       cache=cache, callback=callback, negative_prompt=negative_prompt, height=height, width=width,
-                      progress=progress)
+                      attention=attention, sampler=sampler, shift=shift, progress=progress)
     chunks = list(gen)
     stats = PipelineStats(parallel=chunks[0].stats.get("parallel") or {})
     stats.denoise_s = sum(c.stats["seconds"] - c.stats["decode_s"] for c in chunks)

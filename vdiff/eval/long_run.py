@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vdiff.config import ConfigError
 from vdiff.data.shapes import caption, parse_caption
 from vdiff.eval.long_eval import score_long_clip, summarize_long
 from vdiff.eval.run import EvalConfig, _pct, eval_prompts
@@ -29,7 +30,9 @@ def _generate(pipe: Any, prompts: list[str], cfg: EvalConfig, num_chunks: int, s
     """Clips (T, H, W, 3) and the prompt in force per chunk; seconds per chunk (wall, batched). With `switch_at`,
     each clip turns its own direction there, so those clips run one by one (a switch applies to a whole stream)."""
     clips, in_force, t0 = [], [], time.perf_counter()
-    kw = {"num_chunks": num_chunks, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance}
+    kw = {"num_chunks": num_chunks, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
+          "attention": cfg.attention, "sampler": cfg.sampler, "shift": cfg.shift, "height": cfg.height,
+          "width": cfg.width}
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         batch = prompts[start:start + cfg.batch_size]
         if switch_at is None:
@@ -51,6 +54,8 @@ def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True, switch: 
     the plain clips: chunk c of a stream does not depend on how many chunks follow it)."""
     from tqdm.auto import tqdm
 
+    if cfg.num_frames is not None:
+        raise ConfigError(f"num_frames={cfg.num_frames}: a causal eval's length is num_chunks (chunks per clip)")
     num_chunks = cfg.num_chunks or 16
     per = pipe.transformer.causal_config.chunk_frames * pipe.vae.stride[0]
     prompts = eval_prompts(cfg.num_clips, cfg.seed)
@@ -71,6 +76,10 @@ def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True, switch: 
                      "batch_size": cfg.batch_size, "seed": cfg.seed,
                      "steps": cfg.steps or pc.num_inference_steps,
                      "guidance": cfg.guidance if cfg.guidance is not None else pc.guidance_scale,
+                     "attention": cfg.attention if cfg.attention is not None else pc.attention.backend,
+                     "sampler": cfg.sampler if cfg.sampler is not None else "checkpoint default",
+                     "shift": cfg.shift if cfg.shift is not None else "checkpoint default",
+                     "height": cfg.height or pc.height, "width": cfg.width or pc.width,
                      "causal": asdict(pipe.transformer.causal_config), "caches": pipe.caches,
                      "switch_clips": len(switch_prompts), "switch_at": at},
         "config": asdict(cfg),
