@@ -2,9 +2,13 @@
 
     ./launch.sh bench parallel                                # CPU: 1 process vs cfg=2 and ulysses=2, 1 thread each
     ./launch.sh bench parallel --splits cfg2 ulysses2 cfg2xulysses2 --size 64 --frames 16   # GPUs (one per rank)
+    ./launch.sh bench parallel --shape wan480 --splits cfg2 cfg2xulysses4    # 8 GPUs: Wan2.1-1.3B, 81 x 480 x 832
 
-Every configuration runs under torchrun (gloo on CPU, NCCL on GPUs) on a saved tiny pipeline (random weights: speed
-comes from the shape, not the training), the same prompts, seed and settings; "1" is one process. Per configuration:
+Every configuration runs under torchrun (gloo on CPU, NCCL on GPUs) on the same random-weight pipeline (speed comes
+from the shape, not the training): `--shape tiny`, a saved tiny pipeline of --layers layers at --frames x --size x
+--size; `--shape wan480`, the wan2.1-1.3b transformer in bf16 at 81 x 480 x 832 (32,760 tokens) with bench cache's
+small random text encoder and AutoencoderKLWan, built by every rank from seed 0 (CUDA only). The same prompts, seed
+and settings; "1" is one process. Per configuration:
 median denoise and end-to-end seconds over --repeats videos (after a warm-up), the scaling efficiency
 E(N) = T1 / (N * TN) of both, the bytes each rank sends per denoising step through torch.distributed (counted by
 wrapping the collectives, this benchmark only), each rank's peak memory (resident set on CPU, CUDA allocator peak on
@@ -28,6 +32,18 @@ SPLITS = {"1": (1, 1), "cfg2": (2, 1), "ulysses2": (1, 2), "cfg2xulysses2": (2, 
 PROMPT = "a red circle moving right"
 
 
+def _wan480_pipeline(parallel, device):
+    """bench cache's random wan2.1-1.3b pipeline (bf16), the same weights on every rank (seed 0), under `parallel`."""
+    import torch
+
+    from bench.cache import _wan_random
+    from vdiff.pipeline import VideoPipeline
+
+    torch.manual_seed(0)
+    base = _wan_random(torch.device("cpu")).to(device)
+    return VideoPipeline(base.transformer, base.text_encoder, base.vae, base.scheduler, base.config, parallel)
+
+
 def _save_pipeline(folder: Path, args: argparse.Namespace) -> Path:
     from vdiff.config import model_preset
     from vdiff.pipeline import PipelineConfig, VideoPipeline
@@ -43,7 +59,7 @@ def _launch(split: str, folder: Path, out: Path, args: argparse.Namespace) -> li
 
     cfg, ulysses = SPLITS[split]
     nproc = cfg * ulysses
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "BENCH_STEPS": str(args.steps)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()), "-m", "bench.parallel", "--worker", str(folder), str(out), split,
            str(args.repeats)]
@@ -100,11 +116,16 @@ def _worker(folder: str, out: str, split: str, repeats: str) -> None:
     rank, device = dist.get_rank(), parallel_device()
     cfg, ulysses = SPLITS[split]
     parallel = ParallelConfig(cfg=cfg, ulysses=ulysses) if split != "1" else None
-    pipe = VideoPipeline.from_pretrained(folder, parallel=parallel, device=device)
+    if folder == "wan480":
+        pipe = _wan480_pipeline(parallel, device)
+        steps = {"num_inference_steps": int(os.environ["BENCH_STEPS"]), "guidance_scale": 5.0}
+    else:
+        pipe, steps = VideoPipeline.from_pretrained(folder, parallel=parallel, device=device), {}
     latents: dict = {}
 
     def run():
-        out_ = pipe(PROMPT, seed=0, callback=lambda i, n, lat: latents.__setitem__("x", lat.detach().cpu().clone()))
+        out_ = pipe(PROMPT, seed=0, **steps,
+                    callback=lambda i, n, lat: latents.__setitem__("x", lat.detach().cpu().clone()))
         return out_.stats
 
     run()  # warm-up (first-call allocations, kernels)
@@ -129,23 +150,42 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", nargs="+", default=["cfg2", "ulysses2"], choices=[s for s in SPLITS if s != "1"],
                    help="configurations beside one process (default: cfg2 ulysses2)")
-    p.add_argument("--frames", type=int, default=8, help="video frames (default 8)")
-    p.add_argument("--size", type=int, default=32, help="frame side in pixels (default 32)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers of the tiny model (default 4)")
+    p.add_argument("--shape", choices=["tiny", "wan480"], default="tiny",
+                   help="tiny (any device) or wan480 (wan2.1-1.3b, 81 x 480 x 832, bf16; CUDA)")
+    p.add_argument("--frames", type=int, default=None, help="video frames, --shape tiny (default 8)")
+    p.add_argument("--size", type=int, default=None, help="frame side in pixels, --shape tiny (default 32)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 tiny, 10 wan480)")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers, --shape tiny (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed videos per configuration; medians (default 3)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1)")
     args = p.parse_args(argv)
+    if args.shape == "wan480":
+        for name in ("frames", "size", "layers"):
+            if getattr(args, name) is not None:
+                p.error(f"--{name} is for --shape tiny; wan480 is wan2.1-1.3b (30 layers) at 81 x 480 x 832")
+        args.steps = 10 if args.steps is None else args.steps
+    else:
+        defaults = {"frames": 8, "size": 32, "steps": 4, "layers": 4}
+        for name, value in defaults.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     for name in ("frames", "size", "steps", "layers", "repeats", "threads"):
-        if getattr(args, name) < 1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
             p.error(f"--{name} must be >= 1")
 
     import torch
 
     from bench.common import print_table, write_result
 
+    if args.shape == "wan480":
+        need = max(SPLITS[s][0] * SPLITS[s][1] for s in args.splits)
+        have = torch.cuda.device_count()
+        if have < need:
+            raise SystemExit(f"bench parallel --shape wan480 needs {need} CUDA devices for --splits "
+                             f"{' '.join(args.splits)} (one per rank); this machine has {have}")
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _save_pipeline(Path(tmp, "pipeline"), args)
+        folder = "wan480" if args.shape == "wan480" else _save_pipeline(Path(tmp, "pipeline"), args)
         results = {split: _launch(split, folder, Path(tmp), args) for split in ["1", *args.splits]}
         reference = torch.load(Path(tmp, "1-rank0-latents.pt"))
         diffs = {split: max((torch.load(Path(tmp, f"{split}-rank{r}-latents.pt")) - reference).abs().max().item()
@@ -163,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                      "max_diff": diffs[split], "tokens": ranks[0]["tokens"]})
     print_table(rows, ["split", "ranks", "denoise_s", "total_s", "E_denoise", "E_total", "bytes_per_step",
                        "peak_mem_mib", "max_diff"],
-                title=f"parallel: tiny model ({args.layers} layers), {args.frames} x {args.size} x {args.size}, "
-                      f"{args.steps} steps, guidance 4, {args.threads} thread(s) per process")
+                title=(f"parallel: tiny model ({args.layers} layers), {args.frames} x {args.size} x {args.size}"
+                       if args.shape == "tiny" else "parallel: wan2.1-1.3b (random, bf16), 81 x 480 x 832")
+                      + f", {args.steps} steps, guidance {4 if args.shape == 'tiny' else 5}, "
+                        f"{args.threads} thread(s) per process")
     write_result("parallel", rows, meta=vars(args))
 
 
