@@ -92,13 +92,13 @@ def _block_diagonal_run(length, block=16):
     return out, ref
 
 
-def test_compiled_flex_keeps_block_lists_past_torch_recompile_limit(monkeypatch):
+def test_compiled_flex_keeps_block_lists_past_torch_recompile_limit():
     """More shapes than torch's recompile limit (8 by default; 2 here, so that 4 compiles show it): every call still
     honours the block lists (an eager fallback would compute dense attention here)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    for length in range(40, 40 + 16 * 4, 16):  # 4 shapes
-        out, ref = _block_diagonal_run(length)
-        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with torch._dynamo.config.patch(recompile_limit=2):  # (monkeypatch.setattr would leave the key hidden after)
+        for length in range(40, 40 + 16 * 4, 16):  # 4 shapes
+            out, ref = _block_diagonal_run(length)
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_flex_fails_loudly_at_its_limit(monkeypatch):
