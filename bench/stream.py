@@ -6,7 +6,8 @@
 Per chunk index: wall seconds and KV bytes of a finite window (sink 1 + window 2 chunks: cost flat however long the
 video runs), of a global window (every earlier chunk: grows), and of the reference without KV cache (recomputes the
 whole history each step: grows fastest; run for the first `--uncached` chunks). Side by side: one bidirectional
-pass of the same model size over the same total length (the whole clip at once), per chunk. Prints the table and
+pass of the same model size over the same total length (the whole clip at once), per chunk; and the bundled causal
+checkpoint (or --checkpoint) at its own size and window. Prints the table and
 the ratios (window: chunk N / chunk 8; target <= 1.15 at 64), writes bench/results/stream-<machine>.json and a plot of
 seconds per chunk against chunk index (docs/stream-time-per-chunk.png). Speed comes from the model's shape, not its
 training, so random weights measure the same as trained ones.
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--size", type=int, default=32, help="frame side in pixels (default 32: 8 x 8 latent)")
     p.add_argument("--repeats", type=int, default=3, help="streams per variant; per-chunk medians (default 3)")
     p.add_argument("--no-plot", action="store_true", help="do not write docs/stream-time-per-chunk.png")
+    p.add_argument("--checkpoint", default=None,
+                   help="a causal pipeline streamed at its own size and window beside the random models (default: "
+                        "the bundled checkpoints/shapes-causal when present; 'none' to leave it out)")
     args = p.parse_args(argv)
     if args.chunks < 8:
         p.error("--chunks must be >= 8 (the ratio is chunk N / chunk 8)")
@@ -107,6 +111,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     external = {mode: _per_chunk(_pipe(2, ["text_kv", "causal_kv"], args.size), args.chunks, args.steps, r,
                                  cache=["text_kv", CausalKVCacheConfig(external=mode)]) for mode in ("split", "reuse")}
     bidir_s = _bidirectional(2 * args.chunks, args.steps, args.size)
+    from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT
+
+    checkpoint = args.checkpoint
+    if checkpoint is None and (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file():
+        checkpoint = str(BUNDLED_CAUSAL_CHECKPOINT)
+    trained = None
+    if checkpoint not in (None, "none"):
+        from vdiff.pipeline import VideoPipeline
+
+        trained = _per_chunk(VideoPipeline.from_pretrained(checkpoint), args.chunks, args.steps, r)
     rows = []
     for i in range(args.chunks):
         rows.append({
@@ -115,10 +129,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "global_kv_bytes": global_[i]["kv_bytes"],
             "external_split_s": external["split"][i]["seconds"], "external_reuse_s": external["reuse"][i]["seconds"],
             "global_keys": global_[i]["keys"], "uncached_s": uncached[i]["seconds"] if i < len(uncached) else None,
+            **({"checkpoint_s": trained[i]["seconds"], "checkpoint_kv_bytes": trained[i]["kv_bytes"]}
+               if trained is not None else {}),
         })
     shown = [r for r in rows if r["chunk"] in {1, 2, 4, 8, 16, 32, 64, args.chunks}]
     print_table(shown, ["chunk", "window_s", "window_keys", "window_kv_bytes", "global_s", "global_keys",
-                        "global_kv_bytes", "uncached_s", "external_reuse_s"],
+                        "global_kv_bytes", "uncached_s", "external_reuse_s"]
+                + (["checkpoint_s", "checkpoint_kv_bytes"] if trained is not None else []),
                 title=f"stream: tiny causal model, {args.size} x {args.size}, 2 frames per chunk, {args.steps} steps")
     last = args.chunks - 1
     summary = {
@@ -128,6 +145,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "bidirectional_total_s": bidir_s, "window_total_s": sum(r["seconds"] for r in window),
         "global_total_s": sum(r["seconds"] for r in global_), "goal_window_ratio": 1.15,
     }
+    if trained is not None:  # the trained checkpoint at its own size and window (its own frames per chunk)
+        summary.update(checkpoint=checkpoint,
+                       checkpoint_ratio_last_over_8=trained[last]["seconds"] / trained[7]["seconds"],
+                       checkpoint_kv_bytes_flat=trained[last]["kv_bytes"] == trained[7]["kv_bytes"],
+                       checkpoint_total_s=sum(x["seconds"] for x in trained))
+        print(f"{checkpoint}: chunk {args.chunks} / chunk 8 = {summary['checkpoint_ratio_last_over_8']:.3f} (goal <= "
+              f"1.15), KV bytes flat: {summary['checkpoint_kv_bytes_flat']}", flush=True)
     for mode, runs in external.items():  # block-external attention on the finite window: speed and error
         summary[f"external_{mode}_total_s"] = sum(x["seconds"] for x in runs)
         summary[f"external_{mode}_psnr_db"] = psnr(np.concatenate([x["frames"] for x in runs]),
@@ -141,8 +165,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"block_external={mode}: {summary[f'external_{mode}_speedup']:.2f}x the window's time, frames at "
               f"{summary[f'external_{mode}_psnr_db']:.1f} dB PSNR vs causal_kv alone", flush=True)
     if not args.no_plot:
-        _plot({"window (sink 1 + 2)": [r["seconds"] for r in window], "global": [r["seconds"] for r in global_],
-               "no KV cache": [r["seconds"] for r in uncached]}, PLOT)
+        series = {"window (sink 1 + 2)": [r["seconds"] for r in window], "global": [r["seconds"] for r in global_],
+                  "no KV cache": [r["seconds"] for r in uncached]}
+        if trained is not None:
+            series[f"{Path(checkpoint).name} (trained)"] = [x["seconds"] for x in trained]
+        _plot(series, PLOT)
         print(f"wrote {PLOT}")
     write_result("stream", rows, {"summary": summary, "args": vars(args), "threads": machine_info()["torch_threads"]})
     return rows
