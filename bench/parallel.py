@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPLITS = {"1": (1, 1), "cfg2": (2, 1), "ulysses2": (1, 2), "cfg2xulysses2": (2, 2), "ulysses4": (1, 4),
           "cfg2xulysses4": (2, 4)}
 PROMPT = "a red circle moving right"
+GUIDANCE = {"tiny": 4.0, "wan480": 5.0}  # classifier-free guidance on: cfg=2 has its two branches to split
 
 
 def _wan480_pipeline(parallel, device):
@@ -49,7 +50,7 @@ def _save_pipeline(folder: Path, args: argparse.Namespace) -> Path:
     from vdiff.pipeline import PipelineConfig, VideoPipeline
 
     cfg = PipelineConfig(num_frames=args.frames, height=args.size, width=args.size,
-                         num_inference_steps=args.steps, guidance_scale=4.0)
+                         num_inference_steps=args.steps, guidance_scale=GUIDANCE["tiny"])
     model = model_preset("tiny", num_layers=args.layers, rope_max_seq_len=max(1024, args.frames))
     return VideoPipeline.from_model_config(model, config=cfg, seed=0).save_pretrained(folder)
 
@@ -59,10 +60,10 @@ def _launch(split: str, folder: Path, out: Path, args: argparse.Namespace) -> li
 
     cfg, ulysses = SPLITS[split]
     nproc = cfg * ulysses
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "BENCH_STEPS": str(args.steps)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()), "-m", "bench.parallel", "--worker", str(folder), str(out), split,
-           str(args.repeats)]
+           str(args.repeats), str(args.steps)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"bench parallel: {split} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -100,7 +101,7 @@ def _peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kilobytes
 
 
-def _worker(folder: str, out: str, split: str, repeats: str) -> None:
+def _worker(folder: str, out: str, split: str, repeats: str, steps: str) -> None:
     import statistics
 
     import torch
@@ -116,15 +117,14 @@ def _worker(folder: str, out: str, split: str, repeats: str) -> None:
     rank, device = dist.get_rank(), parallel_device()
     cfg, ulysses = SPLITS[split]
     parallel = ParallelConfig(cfg=cfg, ulysses=ulysses) if split != "1" else None
-    if folder == "wan480":
-        pipe = _wan480_pipeline(parallel, device)
-        steps = {"num_inference_steps": int(os.environ["BENCH_STEPS"]), "guidance_scale": 5.0}
-    else:
-        pipe, steps = VideoPipeline.from_pretrained(folder, parallel=parallel, device=device), {}
+    shape = "wan480" if folder == "wan480" else "tiny"
+    pipe = (_wan480_pipeline(parallel, device) if shape == "wan480"
+            else VideoPipeline.from_pretrained(folder, parallel=parallel, device=device))
+    sampling = {"num_inference_steps": int(steps), "guidance_scale": GUIDANCE[shape]}
     latents: dict = {}
 
     def run():
-        out_ = pipe(PROMPT, seed=0, **steps,
+        out_ = pipe(PROMPT, seed=0, **sampling,
                     callback=lambda i, n, lat: latents.__setitem__("x", lat.detach().cpu().clone()))
         return out_.stats
 
@@ -205,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
                        "peak_mem_mib", "max_diff"],
                 title=(f"parallel: tiny model ({args.layers} layers), {args.frames} x {args.size} x {args.size}"
                        if args.shape == "tiny" else "parallel: wan2.1-1.3b (random, bf16), 81 x 480 x 832")
-                      + f", {args.steps} steps, guidance {4 if args.shape == 'tiny' else 5}, "
+                      + f", {args.steps} steps, guidance {GUIDANCE[args.shape]:g}, "
                         f"{args.threads} thread(s) per process")
     write_result("parallel", rows, meta=vars(args))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(*sys.argv[2:6])
+        _worker(*sys.argv[2:7])
     else:
         main()

@@ -142,11 +142,9 @@ def _stream_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from serve.app import serve
     from vdiff.client import VideoClient
     from vdiff.pipeline_io import write_video
-    from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT
+    from vdiff.runtime import bundled_causal_checkpoint
 
-    checkpoint = args.causal_checkpoint
-    if checkpoint is None and (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file():
-        checkpoint = BUNDLED_CAUSAL_CHECKPOINT
+    checkpoint = args.causal_checkpoint or bundled_causal_checkpoint()
     if checkpoint is None:
         from vdiff import VideoPipeline
         from vdiff.config import CausalConfig, model_preset

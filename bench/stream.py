@@ -111,13 +111,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     external = {mode: _per_chunk(_pipe(2, ["text_kv", "causal_kv"], args.size), args.chunks, args.steps, r,
                                  cache=["text_kv", CausalKVCacheConfig(external=mode)]) for mode in ("split", "reuse")}
     bidir_s = _bidirectional(2 * args.chunks, args.steps, args.size)
-    from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT
+    from vdiff.runtime import bundled_causal_checkpoint
 
-    checkpoint = args.checkpoint
-    if checkpoint is None and (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file():
-        checkpoint = str(BUNDLED_CAUSAL_CHECKPOINT)
+    checkpoint = args.checkpoint or bundled_causal_checkpoint()
     trained = None
-    if checkpoint not in (None, "none"):
+    if checkpoint is not None and checkpoint != "none":
         from vdiff.pipeline import VideoPipeline
 
         trained = _per_chunk(VideoPipeline.from_pretrained(checkpoint), args.chunks, args.steps, r)
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "global_total_s": sum(r["seconds"] for r in global_), "goal_window_ratio": 1.15,
     }
     if trained is not None:  # the trained checkpoint at its own size and window (its own frames per chunk)
-        summary.update(checkpoint=checkpoint,
+        summary.update(checkpoint=str(checkpoint),
                        checkpoint_ratio_last_over_8=trained[last]["seconds"] / trained[7]["seconds"],
                        checkpoint_kv_bytes_flat=trained[last]["kv_bytes"] == trained[7]["kv_bytes"],
                        checkpoint_total_s=sum(x["seconds"] for x in trained))

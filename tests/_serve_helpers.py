@@ -57,8 +57,8 @@ def port_outside_ephemeral_range(host: str = "127.0.0.1") -> int:
     import random
     import socket
 
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else 32768
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.is_file() else 32768
     ports = range(20000, max(20001, low))  # above Ray's worker ports (10002-19999)
     for port in random.Random().sample(ports, min(200, len(ports))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -18,7 +18,7 @@ import pytest
 from _serve_helpers import decode_video, save_tiny_pipeline
 
 from serve.app import serve
-from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT, BUNDLED_CHECKPOINT, free_port
+from vdiff.runtime import BUNDLED_CHECKPOINT, bundled_causal_checkpoint, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -131,8 +131,8 @@ def test_page_loads_generates_and_shows_the_video(driver, server):
 
 @pytest.fixture(scope="module")
 def causal_server(tmp_path_factory):
-    checkpoint = (BUNDLED_CAUSAL_CHECKPOINT if (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file()
-                  else save_tiny_pipeline(tmp_path_factory.mktemp("browser") / "tiny-causal", causal=True))
+    checkpoint = (bundled_causal_checkpoint()
+                  or save_tiny_pipeline(tmp_path_factory.mktemp("browser") / "tiny-causal", causal=True))
     srv = serve(checkpoint, port=free_port(), block=False, quiet=True, max_chunks=48)
     yield srv
     srv.close()

@@ -16,7 +16,7 @@ import pytest
 from vdiff.data.shapes import HELD_OUT, all_combinations, caption, parse_caption
 from vdiff.eval.run import HELD_OUT_EVERY, EvalConfig, eval_prompts, run_eval
 from vdiff.eval.shapes_eval import evaluate_clip
-from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT
+from vdiff.runtime import BUNDLED_CAUSAL_CHECKPOINT, bundled_causal_checkpoint
 from vdiff.runtime import BUNDLED_CHECKPOINT as CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +132,7 @@ def test_roundness_probe_reads_the_bundled_models_circles():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BUNDLED_CAUSAL_CHECKPOINT / "transformer").is_dir(),
-                    reason="checkpoints/shapes-causal is not built")
+@pytest.mark.skipif(bundled_causal_checkpoint() is None, reason="checkpoints/shapes-causal is not built")
 def test_bundled_causal_model_reproduces_its_eval_report():
     """checkpoints/shapes-causal/eval.json is what the committed causal checkpoint does: the first batch of its plain
     clips (48 clips, seed 0, the checkpoint's default settings) is regenerated for its first 6 chunks (chunk c of a

@@ -14,6 +14,11 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "s
 BUNDLED_CAUSAL_CHECKPOINT = BUNDLED_CHECKPOINT.parent / "shapes-causal"  # the long-video model (block-causal)
 
 
+def bundled_causal_checkpoint() -> Path | None:
+    """checkpoints/shapes-causal when the checkout holds it (a saved pipeline: its vdiff.json), else None."""
+    return BUNDLED_CAUSAL_CHECKPOINT if (BUNDLED_CAUSAL_CHECKPOINT / "vdiff.json").is_file() else None
+
+
 def default_device() -> torch.device:
     """CUDA where a GPU is visible, else CPU."""
     import torch  # here, not at the top: `--help` of the CLIs should not pay for importing torch
