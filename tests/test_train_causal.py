@@ -208,3 +208,46 @@ def test_teacher_forcing_with_switches_marks_the_turned_chunks(tmp_path):
     with pytest.raises(ConfigError, match="data.switch_prob > 0 trains prompt switches with train.objective"):
         _trainer(tmp_path / "df", "diffusion_forcing", ["data.switch_prob=1.0", "data.switch_every=2",
                                                         "data.boundary=wrap"])
+
+
+def test_chunk_weights_scale_the_first_chunk_and_the_turn(tmp_path):
+    """train.first_chunk_weight / train.switch_weight: the same batch and step with and without them; the loss
+    gradient on the model's output is the unweighted one times the weight of its chunk (chunk 0 of a clip that keeps
+    it, the first chunk after a turn), and 0 before a turn, as without weights."""
+    trainer = _trainer(tmp_path, "teacher_forcing", ["data.switch_prob=0.5", "data.switch_every=2",
+                                                     "data.boundary=wrap", "train.cfg_dropout=0.0"])
+    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=6, collate_fn=_collate)))
+    turns = [trainer.switch_world.switch(int(i)) for i in batch["index"]]
+    assert any(t is None for t in turns) and any(t is not None for t in turns)
+    forward, seen = trainer.model_forward, {}
+
+    def capture(*args):
+        out = forward(*args)
+        out.retain_grad()
+        seen["v"] = out
+        return out
+
+    trainer.model_forward = capture
+
+    def grads(first, turn):
+        trainer.recipe.train.first_chunk_weight, trainer.recipe.train.switch_weight = first, turn
+        trainer.compute_loss(batch, 0).backward()
+        g = seen["v"].grad[:, :, seen["v"].shape[2] // 2:]  # (B, C, F, H, W) of the noisy half
+        return g.unflatten(2, (-1, 2))  # (B, C, n, 2, H, W)
+
+    plain, weighted = grads(1.0, 1.0), grads(2.0, 3.0)
+    n = plain.shape[2]
+    for b, turn in enumerate(turns):
+        want = torch.ones(n)
+        if turn is None:
+            want[0] = 2.0
+        else:
+            want[: turn[0] // 2] = 0.0
+            want[turn[0] // 2] = 3.0
+        assert plain[b].abs().amax((0, 2, 3, 4)).gt(0).tolist() == want.gt(0).tolist()
+        for c in range(n):
+            torch.testing.assert_close(weighted[b, :, c], want[c] * plain[b, :, c], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ConfigError, match=r"train.switch_weight must be in \(0, 100\]"):
+        load_recipe("configs/train/tiny.yaml", [*CAUSAL, "train.objective=teacher_forcing", "train.switch_weight=0"])
+    with pytest.raises(ConfigError, match="train.first_chunk_weight weighs teacher-forcing chunks"):
+        load_recipe("configs/train/tiny.yaml", [*CAUSAL, "train.first_chunk_weight=2"])

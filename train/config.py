@@ -156,6 +156,10 @@ class TrainConfig:
     # flow | teacher_forcing | diffusion_forcing (the last two: causal models, train/objectives.py)
     objective: Literal["flow", "teacher_forcing", "diffusion_forcing"] = "flow"
     context_noise: float = 0.0  # causal models: noise level of the context chunks (the sampler uses the same)
+    # teacher forcing: loss weight of the first noisy chunk (it has no context) and of the first chunk after a
+    # turn (data.switch_prob); every other chunk weighs 1, the mean stays over all chunks
+    first_chunk_weight: float = 1.0
+    switch_weight: float = 1.0
     # train LoRA adapters only (PEFT; the model's own weights frozen): {rank, alpha, target_modules, dropout}.
     # None = train every weight. The export holds the base transformer + pytorch_lora_weights.safetensors.
     lora: LoraConfig | None = None
@@ -171,6 +175,9 @@ class TrainConfig:
             raise ConfigError(f"train.cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("first_chunk_weight", "switch_weight"):
+            if not 0.0 < getattr(self, name) <= 100.0:
+                raise ConfigError(f"train.{name} must be in (0, 100], got {getattr(self, name)}")
         if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
             raise ConfigError(f"train.deepspeed must be one of {list(DEEPSPEED_PRESETS)} or a .json file, "
                               f"got {self.deepspeed!r}")
@@ -213,6 +220,10 @@ class TrainRecipe:
                               "(chunk_frames, sink_chunks, window_chunks, rope)")
         if not 0.0 <= self.train.context_noise < 1.0:
             raise ConfigError(f"train.context_noise must be in [0, 1), got {self.train.context_noise}")
+        weighted = [n for n in ("first_chunk_weight", "switch_weight") if getattr(self.train, n) != 1.0]
+        if weighted and self.train.objective != "teacher_forcing":
+            raise ConfigError(f"train.{weighted[0]} weighs teacher-forcing chunks: set "
+                              f"train.objective=teacher_forcing (got {self.train.objective})")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vdiff.diffusion.flow import add_noise, flow_loss, timesteps_of
+from vdiff.diffusion.flow import add_noise, flow_loss, timesteps_of, velocity_target
 
 
 class CausalObjectives:
@@ -54,11 +54,28 @@ class CausalObjectives:
             t_tokens = torch.cat([t_ctx, t_noisy], dim=1)  # (B, L) per-token timesteps
             chunks = [(j, True) for j in range(n)] + [(j, False) for j in range(n)]
             switch = self._text_switch(batch, text, n, per_frame * f)
+            weight = self._chunk_weights(switch, x0.shape[0], n, x0.device)
         v = self.model_forward(x_in, t_tokens, text, chunks, switch and switch[:2])[:, :, x0.shape[2]:]  # noisy half
-        if switch is None:
+        if weight is None:
             return flow_loss(v, x0, noise)
-        keep = switch[2].repeat_interleave(f, dim=1)[:, None, :, None, None]  # (B, 1, F, 1, 1)
-        return flow_loss(v * keep, x0 * keep, noise * keep)  # left-out chunks add 0; the mean stays over all
+        w = weight.repeat_interleave(f, dim=1)[:, None, :, None, None]  # (B, 1, F, 1, 1)
+        err = (v.float() - velocity_target(x0, noise).float()) ** 2
+        return (w * err).mean()  # left-out chunks add 0; the mean stays over all
+
+    def _chunk_weights(self, switch: tuple | None, b: int, n: int, device: torch.device) -> torch.Tensor | None:
+        """Loss weight per noisy chunk (B, n), or None when every chunk weighs 1: 0 for the chunks a turned clip
+        leaves out (before its turn), train.switch_weight for the first chunk after the turn,
+        train.first_chunk_weight for chunk 0 of a clip that keeps it."""
+        tc = self.recipe.train
+        if switch is None and tc.first_chunk_weight == 1.0:
+            return None
+        keep = switch[2] if switch is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+        w = keep.float()
+        w[:, 0] *= tc.first_chunk_weight
+        if switch is not None:
+            first_after = keep & ~torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], dim=1)  # (B, n)
+            w = torch.where(first_after, torch.full_like(w, tc.switch_weight), w)
+        return w
 
     def _text_switch(self, batch: dict[str, Any], text: torch.Tensor, n: int,
                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
