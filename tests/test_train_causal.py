@@ -189,16 +189,7 @@ def test_teacher_forcing_with_switches_marks_the_turned_chunks(tmp_path):
         assert torch.equal(tokens[b], want) and torch.equal(keep[b], after)
         assert not torch.equal(second[b], text[b])
 
-    seen = {}
-    forward = trainer.model_forward
-
-    def capture(*args):
-        out = forward(*args)
-        out.retain_grad()
-        seen["v"] = out
-        return out
-
-    trainer.model_forward = capture
+    seen = _capture_output(trainer)
     loss = trainer.compute_loss(batch, 0)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
@@ -219,15 +210,7 @@ def test_chunk_weights_scale_the_first_chunk_and_the_turn(tmp_path):
     batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=6, collate_fn=_collate)))
     turns = [trainer.switch_world.switch(int(i)) for i in batch["index"]]
     assert any(t is None for t in turns) and any(t is not None for t in turns)
-    forward, seen = trainer.model_forward, {}
-
-    def capture(*args):
-        out = forward(*args)
-        out.retain_grad()
-        seen["v"] = out
-        return out
-
-    trainer.model_forward = capture
+    seen = _capture_output(trainer)
 
     def grads(first, turn):
         trainer.recipe.train.first_chunk_weight, trainer.recipe.train.switch_weight = first, turn
@@ -251,3 +234,17 @@ def test_chunk_weights_scale_the_first_chunk_and_the_turn(tmp_path):
         load_recipe("configs/train/tiny.yaml", [*CAUSAL, "train.objective=teacher_forcing", "train.switch_weight=0"])
     with pytest.raises(ConfigError, match="train.first_chunk_weight weighs teacher-forcing chunks"):
         load_recipe("configs/train/tiny.yaml", [*CAUSAL, "train.first_chunk_weight=2"])
+
+
+def _capture_output(trainer) -> dict:
+    """Wrap trainer.model_forward so that its last output (with its gradient kept) lands in the returned dict's "v"."""
+    forward, seen = trainer.model_forward, {}
+
+    def capture(*args):
+        out = forward(*args)
+        out.retain_grad()
+        seen["v"] = out
+        return out
+
+    trainer.model_forward = capture
+    return seen
