@@ -152,3 +152,33 @@ def test_bundled_causal_model_reproduces_its_eval_report():
     assert [r["prompt"] for r in rows] == [e["prompt"] for e in expected]
     same = sum(a == b for r, e in zip(rows, expected) for a, b in zip(r["read"], e["read"][:6]))
     assert same >= 0.95 * 48 * 6, f"only {same}/{48 * 6} chunk readings as in the committed eval.json"
+
+
+def test_switch_trace_reads_shapesworlds_own_turn():
+    """experiments.switch_trace's turn curve of ShapesWorld's clips, which turn at once: the old direction's full
+    speed before the switch chunk, half and half in it (its first frame is still placed by the old motion), the new
+    direction's full speed after; the same for every eval turn and a wrap across the edge."""
+    from experiments.switch_trace import turn_curve, turned_clip
+    from vdiff.eval.long_run import TURN
+
+    for seed, direction in enumerate(TURN):
+        clip = turned_clip("red", "circle", direction, 4, 7, 2, 16, 16, seed=seed)
+        curve = turn_curve(clip, 2, direction, TURN[direction])  # (7, 2): old, new per chunk
+        want = np.array([[1, 0]] * 4 + [[0.5, 0.5]] + [[0, 1]] * 2, dtype=np.float64)
+        np.testing.assert_allclose(curve[1:], want[1:], atol=0.1)  # chunk 0 has one displacement
+
+
+@pytest.mark.skipif(bundled_causal_checkpoint() is None, reason="checkpoints/shapes-causal is not built")
+def test_switch_trace_data_context_keeps_the_data_before_the_switch():
+    """--context data: the frames before the switch are ShapesWorld's clip itself, the model generates the rest
+    (one 2-frame chunk each), deterministically for a seed."""
+    from experiments.switch_trace import after_data_context, turned_clip
+    from vdiff.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(BUNDLED_CAUSAL_CHECKPOINT)
+    clip = turned_clip("blue", "square", "left", 3, 5, 2, 16, 16, seed=1)
+    out = after_data_context(pipe, clip, 3, "blue", "square", "up", seed=1)
+    assert out.shape == clip.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:6], clip[:6])
+    assert np.abs(out[6:].astype(int) - clip[6:].astype(int)).max() > 0  # generated, not copied
+    np.testing.assert_array_equal(after_data_context(pipe, clip, 3, "blue", "square", "up", seed=1), out)
