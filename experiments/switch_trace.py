@@ -60,7 +60,6 @@ def turn_curve(frames_THW3: np.ndarray, frames_per_chunk: int, old: str, new: st
                      for c in range(n)])
 
 
-@torch.no_grad()
 def turned_clip(colour: str, shape: str, direction: str, switch_at: int, num_chunks: int, per: int, height: int,
                 width: int, seed: int) -> np.ndarray:
     """ShapesWorld's wrap-around clip (T, H, W, 3) that turns from `direction` to the eval's turned one at chunk
@@ -73,6 +72,7 @@ def turned_clip(colour: str, shape: str, direction: str, switch_at: int, num_chu
                             motion_jitter=1.0)
 
 
+@torch.no_grad()
 def after_data_context(pipe: Any, clip: np.ndarray, switch_at: int, colour: str, shape: str, new: str,
                        seed: int) -> np.ndarray:
     """(T, H, W, 3): `clip` (ShapesWorld's, turning at chunk `switch_at`) for the chunks before it, the model's

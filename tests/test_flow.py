@@ -32,6 +32,9 @@ def test_path_endpoints_velocity_and_inverse():
     torch.testing.assert_close(timesteps_of(s), torch.tensor([0.0, 300.0, 1000.0]))
     assert flow_loss(v, x0, noise).item() == 0.0
     assert flow_loss(torch.zeros_like(v), x0, noise).item() == pytest.approx(v.pow(2).mean().item(), rel=1e-6)
+    w = torch.tensor([2.0, 0.0, 1.0]).view(3, *[1] * (v.dim() - 1))  # per sample: the mean stays over all
+    want = (w * v.pow(2)).mean().item()
+    assert flow_loss(torch.zeros_like(v), x0, noise, w).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_shift_matches_diffusers_scheduler():

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vdiff.diffusion.flow import add_noise, flow_loss, timesteps_of, velocity_target
+from vdiff.diffusion.flow import add_noise, flow_loss, timesteps_of
 
 
 class CausalObjectives:
@@ -56,11 +56,9 @@ class CausalObjectives:
             switch = self._text_switch(batch, text, n, per_frame * f)
             weight = self._chunk_weights(switch, x0.shape[0], n, x0.device)
         v = self.model_forward(x_in, t_tokens, text, chunks, switch and switch[:2])[:, :, x0.shape[2]:]  # noisy half
-        if weight is None:
-            return flow_loss(v, x0, noise)
-        w = weight.repeat_interleave(f, dim=1)[:, None, :, None, None]  # (B, 1, F, 1, 1)
-        err = (v.float() - velocity_target(x0, noise).float()) ** 2
-        return (w * err).mean()  # left-out chunks add 0; the mean stays over all
+        if weight is not None:
+            weight = weight.repeat_interleave(f, dim=1)[:, None, :, None, None]  # (B, 1, F, 1, 1)
+        return flow_loss(v, x0, noise, weight)  # left-out chunks add 0; the mean stays over all
 
     def _chunk_weights(self, switch: tuple | None, b: int, n: int, device: torch.device) -> torch.Tensor | None:
         """Loss weight per noisy chunk (B, n), or None when every chunk weighs 1: 0 for the chunks a turned clip

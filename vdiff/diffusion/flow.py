@@ -85,6 +85,9 @@ def predict_x0(x_s: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Ten
     return x_s - _expand(s, x_s) * v
 
 
-def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between predicted and true velocity, in fp32 (a scalar)."""
-    return torch.nn.functional.mse_loss(v_pred.float(), velocity_target(x0, noise).float())
+def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between predicted and true velocity, in fp32 (a scalar). `weight` (broadcast to the
+    error, e.g. (B, 1, F, 1, 1) per latent frame) scales each element's squared error; the mean stays over all."""
+    err = (v_pred.float() - velocity_target(x0, noise).float()) ** 2
+    return (err if weight is None else weight * err).mean()
