@@ -61,15 +61,15 @@ def turn_curve(frames_THW3: np.ndarray, frames_per_chunk: int, old: str, new: st
 
 
 def turned_clip(colour: str, shape: str, direction: str, switch_at: int, num_chunks: int, per: int, height: int,
-                width: int, seed: int) -> np.ndarray:
+                width: int, seed: int, *, position_jitter: float, motion_jitter: float | None) -> np.ndarray:
     """ShapesWorld's wrap-around clip (T, H, W, 3) that turns from `direction` to the eval's turned one at chunk
-    `switch_at`, with the bundled recipe's start spread (position_jitter 0.15, motion_jitter 1)."""
+    `switch_at`, its start spread as a recipe's data.position_jitter / data.motion_jitter."""
     from vdiff.data.shapes_long import render_long_clip
     from vdiff.eval.long_run import TURN
 
     return render_long_clip(colour, shape, [direction] * switch_at + [TURN[direction]] * (num_chunks - switch_at),
-                            segment_frames=per, height=height, width=width, seed=seed, position_jitter=0.15,
-                            motion_jitter=1.0)
+                            segment_frames=per, height=height, width=width, seed=seed,
+                            position_jitter=position_jitter, motion_jitter=motion_jitter)
 
 
 @torch.no_grad()
@@ -118,16 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--context", choices=["self", "data"], default="self",
                         help="the chunks before the switch: the model's own (a stream) or ShapesWorld's")
+    parser.add_argument("--config", default="configs/train/shapes_causal.yaml",
+                        help="the recipe whose data.position_jitter / data.motion_jitter place ShapesWorld's clips")
     args = parser.parse_args(argv)
     if args.clips < 1 or args.switch_at < 1 or args.after < 1:
         parser.error("--clips, --switch-at and --after must be >= 1")
 
+    from train.config import load_recipe
     from vdiff.data.shapes import caption, parse_caption
     from vdiff.eval.long_eval import SWITCH_FRAMES, centred_window, read_clip
     from vdiff.eval.long_run import TURN
     from vdiff.eval.run import eval_prompts
     from vdiff.pipeline import VideoPipeline
 
+    data_cfg = load_recipe(args.config).data
     pipe = VideoPipeline.from_pretrained(args.checkpoint)
     per = pipe.transformer.causal_config.chunk_frames * pipe.vae.stride[0]
     num_chunks = args.switch_at + args.after + 1
@@ -135,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     for i, prompt in enumerate(eval_prompts(args.clips, args.seed)):
         colour, shape, direction = parse_caption(prompt)
         turned = caption(colour, shape, TURN[direction])
+        clip_seed = args.seed * 100_003 + i
         data = turned_clip(colour, shape, direction, args.switch_at, num_chunks, per, pipe.config.height,
-                           pipe.config.width, seed=args.seed * 100_003 + i)
+                           pipe.config.width, clip_seed, position_jitter=data_cfg.position_jitter,
+                           motion_jitter=data_cfg.motion_jitter)
         data_curves.append(turn_curve(data, per, direction, TURN[direction]))
         if args.context == "self":
             chunks = list(pipe.stream([prompt], seed=args.seed, prompts={args.switch_at: turned},
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             frames = np.concatenate([c.videos for c in chunks], axis=1)[0]  # (T, H, W, 3)
         else:
             frames = after_data_context(pipe, data, args.switch_at, colour, shape, TURN[direction],
-                                        seed=args.seed * 100_003 + i)
+                                        seed=clip_seed)
         curves.append(turn_curve(frames, per, direction, TURN[direction]))
         start = args.switch_at * per
         reading = read_clip(centred_window(frames[start:start + SWITCH_FRAMES]))

@@ -162,7 +162,7 @@ def test_switch_trace_reads_shapesworlds_own_turn():
     from vdiff.eval.long_run import TURN
 
     for seed, direction in enumerate(TURN):
-        clip = turned_clip("red", "circle", direction, 4, 7, 2, 16, 16, seed=seed)
+        clip = turned_clip("red", "circle", direction, 4, 7, 2, 16, 16, seed, position_jitter=0.15, motion_jitter=1.0)
         curve = turn_curve(clip, 2, direction, TURN[direction])  # (7, 2): old, new per chunk
         want = np.array([[1, 0]] * 4 + [[0.5, 0.5]] + [[0, 1]] * 2, dtype=np.float64)
         np.testing.assert_allclose(curve[1:], want[1:], atol=0.1)  # chunk 0 has one displacement
@@ -176,7 +176,7 @@ def test_switch_trace_data_context_keeps_the_data_before_the_switch():
     from vdiff.pipeline import VideoPipeline
 
     pipe = VideoPipeline.from_pretrained(BUNDLED_CAUSAL_CHECKPOINT)
-    clip = turned_clip("blue", "square", "left", 3, 5, 2, 16, 16, seed=1)
+    clip = turned_clip("blue", "square", "left", 3, 5, 2, 16, 16, 1, position_jitter=0.15, motion_jitter=1.0)
     out = after_data_context(pipe, clip, 3, "blue", "square", "up", seed=1)
     assert out.shape == clip.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(out[:6], clip[:6])
