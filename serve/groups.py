@@ -5,9 +5,11 @@
 Each group of more than one device is a `GroupPipeline` in the server: a host process (spawned with
 multiprocessing) that loads the pipeline with `ParallelConfig(..., launch="spawn", devices=the group)`, so it is the
 group's rank 0 (the leader) and starts the other ranks itself (vdiff.parallel.spawn). The server and the host talk
-over a pipe: a request goes down, a message per denoising step and then the output (or the error) come back, and a
-cancel goes down while the request runs (the leader's step callback returns False and every rank stops after that
-step). A group of one device is an ordinary pipeline in the server process, as with `--devices`.
+over a pipe: a request goes down, then a message per denoising step comes back and the host waits for the server's
+answer (go on or stop) before the next step, so the server's step hooks run in step with the group exactly as they
+do on a single-device worker (a cancel stops every rank after the step it reached; a hook that holds a step holds
+the group). Last the output (or the error) comes back. A group of one device is an ordinary pipeline in the server
+process, as with `--devices`.
 
 A rank that dies fails the request it was running with a clear error and the group is started again in the
 background (the worker that owns it waits for the new one before its next request); the other groups keep serving.
@@ -214,20 +216,25 @@ class GroupPipeline:
     def __call__(self, callback: Callable[[int, int, Any], Any] | None = None, **kwargs: Any) -> Any:
         with self._lock:
             self._wait_ready()
-            conn, cancelled = self._conn, False
+            conn, cancelled, hook_error = self._conn, False, None
             try:
                 conn.send(("call", kwargs))
                 while True:
                     kind, payload = conn.recv()
-                    if kind == "step":
-                        if callback is not None and callback(*payload, None) is False and not cancelled:
-                            conn.send(("cancel", None))
-                            cancelled = True
-                    elif kind == "done":
-                        return payload
+                    if kind == "step":  # the host waits for this answer before its next step
+                        if not cancelled and callback is not None:
+                            try:
+                                cancelled = callback(*payload, None) is False
+                            except BaseException as exc:  # raised here as on a one-device worker, once the group
+                                hook_error, cancelled = exc, True  # has stopped (so the pipe is clean for the next)
+                        conn.send(("go", not cancelled))
                     elif kind == "broken":
                         self._restart()
                         raise GroupFailed(f"group {self.label}: {payload}; the group is restarting")
+                    elif hook_error is not None:
+                        raise hook_error
+                    elif kind == "done":
+                        return payload
                     else:
                         raise _rebuild(payload, self.label)
             except (EOFError, OSError, BrokenPipeError):
@@ -282,17 +289,18 @@ def host_main(conn: Any, spec: dict[str, Any]) -> None:
                                      pipe.chunk_pixel_frames if pipe.transformer.causal_config else 0,
                                      [p.pid for p in pipe.parallel.leader.procs])))
     requests: queue.Queue = queue.Queue()
-    cancel = threading.Event()
+    answers: queue.Queue = queue.Queue()  # the server's go on (True) / stop (False) after each step
 
-    def read() -> None:  # the pipe's reader: cancels act at once, everything else waits its turn
+    def read() -> None:  # the pipe's reader: step answers go to the running request, requests wait their turn
         while True:
             try:
                 kind, payload = conn.recv()
             except (EOFError, OSError):
+                answers.put(False)  # the server is gone: stop the running request after its step
                 requests.put(("stop", None))
                 return
-            if kind == "cancel":
-                cancel.set()
+            if kind == "go":
+                answers.put(bool(payload))
             else:
                 requests.put((kind, payload))
                 if kind == "stop":
@@ -304,11 +312,10 @@ def host_main(conn: Any, spec: dict[str, Any]) -> None:
         kind, kwargs = requests.get()
         if kind == "stop":
             break
-        cancel.clear()
 
         def on_step(i: int, n: int, latents: Any) -> bool:
             conn.send(("step", (i, n)))
-            return not cancel.is_set()
+            return answers.get()
 
         try:
             out = pipe(**kwargs, callback=on_step, progress=False)

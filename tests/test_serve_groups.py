@@ -1,7 +1,9 @@
 """Worker groups (serve.groups): a 2-rank cfg=2 group (a host process that spawns its second rank) and a 1-rank
 worker behind one server. Concurrent clients are served by both at once, the group's video equals one process, a
 cancel stops the group after a step, a rank killed during a request fails that request with a clear error while
-the other worker keeps serving, and the group is restarted and serves again. Real processes, gloo, CPU."""
+the other worker keeps serving, and the group is restarted and serves again. The server's step hooks run in step
+with the group (the host waits for each step's answer), so the kill below lands before the group's next step.
+Real processes, gloo, CPU."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from _serve_helpers import HOLD, StepControl, decode_video, save_tiny_pipeline, wait_until
+from _serve_helpers import HOLD, OOM, StepControl, decode_video, save_tiny_pipeline, wait_until
 
 from serve.groups import GroupFailed, group_config, parse_groups, parse_parallel
+from serve.worker import OutOfMemory
 from vdiff.diffusion.sampling import Cancelled
 
 KILL = "[kill-rank-1]"  # on the group, a prompt containing this kills its rank 1 at the second step
@@ -119,6 +122,16 @@ def test_a_group_and_a_single_worker_serve_cancel_and_survive_a_lost_rank(tmp_pa
         with pytest.raises(Cancelled):
             on_group.wait(120)
         (other if on_group is held else held).wait(120)
+        control.release.clear()
+
+        # a step hook that raises on the group fails that request as on the single worker, and the group goes on
+        # (the host waits for each step's answer, so nothing of the failed request is left in the pipe)
+        pair = [pool.submit(request(f"{OOM} {HOLD} a blue circle", steps=4)) for _ in range(2)]
+        assert wait_until(lambda: pool.status()["running"] == 2, timeout=60)
+        control.release.set()
+        for job in pair:
+            with pytest.raises(OutOfMemory, match="out of memory"):
+                job.wait(120)
         control.release.clear()
 
         # a rank dies during a request: that request fails with the group's name, the single worker keeps serving
