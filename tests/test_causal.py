@@ -154,6 +154,58 @@ def test_prompt_switch_takes_effect_at_its_chunk():
     assert (switched[2].latents - base[2]).abs().max() > 1e-3
 
 
+NEW = "a blue square moving up"
+
+
+@pytest.mark.parametrize("guidance, commit, window", [(1.0, "clean", 1), (3.0, "clean", None), (1.0, "last_step", 2)])
+def test_switch_guidance_cached_equals_recompute_and_drops_the_old_branch(guidance, commit, window):
+    """Switch guidance keeps the old prompt's cache beside the re-cached one: cached == the full recompute (whose old
+    branch is the whole history under the old prompt), with and without CFG and eviction; it runs for
+    switch_guidance_chunks chunks (stats, and the old branch's KV bytes on top), chunks before the switch are
+    untouched, and the guided chunks differ from an unguided switch."""
+    pipe = _pipe(window=window, guidance=guidance)
+    kw = dict(num_chunks=6, prompts={2: NEW}, switch_guidance=2.5, switch_guidance_chunks=2,
+              cache=["text_kv", CausalKVCacheConfig(commit=commit)])
+    guided = list(pipe.stream(PROMPT, seed=3, **kw))
+    plain = list(pipe.stream(PROMPT, seed=3, **{**kw, "switch_guidance": 1.0}))
+    assert [c.stats["switch_guidance"] for c in guided] == [None, None, 2.5, 2.5, None, None]
+    assert [c.stats["switch_guidance"] for c in plain] == [None] * 6
+    assert guided[2].stats["kv_bytes"] > guided[4].stats["kv_bytes"] == plain[4].stats["kv_bytes"] > 0
+    for c in range(2):
+        torch.testing.assert_close(guided[c].latents, plain[c].latents, atol=0, rtol=0)
+    assert min((guided[c].latents - plain[c].latents).abs().max() for c in (2, 3)) > 1e-3
+    if commit == "clean":
+        reference = _latents(pipe, **{**kw, "cache": ["text_kv"]})
+        for c, (x, y) in enumerate(zip(guided, reference)):
+            assert (x.latents - y).abs().max() <= 1e-5, (c, float((x.latents - y).abs().max()))
+
+
+def test_switch_guidance_is_guidance_with_the_old_prompt_as_negative():
+    """Known answer: guidance g with negative prompt = the old prompt gives v_old + g (v_new - v_old) after a switch
+    (the negative branch re-caches under the same old prompt, so its cache is the old one) and plain v before it
+    (both branches equal). Switch guidance g over all remaining chunks must compute the same thing, through its own
+    code path (a copied cache and a second forward instead of the CFG batch)."""
+    pipe = _pipe(window=1, guidance=1.0)
+    ours = _latents(pipe, num_chunks=5, prompts={2: NEW}, switch_guidance=3.0, switch_guidance_chunks=3)
+    negative = _latents(pipe, num_chunks=5, prompts={2: NEW}, guidance_scale=3.0, negative_prompt=PROMPT)
+    for c, (x, y) in enumerate(zip(ours, negative)):
+        assert x.abs().max() > 0.1
+        assert (x - y).abs().max() <= 1e-5, (c, float((x - y).abs().max()))
+
+
+def test_switch_guidance_defaults_come_from_the_pipeline_config():
+    pipe = _pipe(guidance=1.0)
+    pipe.config.switch_guidance, pipe.config.switch_guidance_chunks = 2.0, 1
+    chunks = list(pipe.stream(PROMPT, seed=3, num_chunks=4, prompts={1: NEW}))
+    assert [c.stats["switch_guidance"] for c in chunks] == [None, 2.0, None, None]
+    with pytest.raises(ConfigError, match=r"switch_guidance must be a number in \[1, 20\] \(1 = off\), got 0.5"):
+        PipelineConfig(switch_guidance=0.5)
+    with pytest.raises(ValueError, match=r"switch_guidance_chunks must be an int in \[1, 1000\], got 0"):
+        next(pipe.stream(PROMPT, switch_guidance_chunks=0))
+    with pytest.raises(ValueError, match=r"switch_guidance must be a number in \[1, 20\] \(1 = off\), got 25"):
+        next(pipe.stream(PROMPT, switch_guidance=25))
+
+
 def test_call_on_a_causal_model_collects_the_stream():
     pipe = _pipe()
     out = pipe(PROMPT, num_frames=8, seed=5)

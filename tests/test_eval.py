@@ -154,6 +154,80 @@ def test_bundled_causal_model_reproduces_its_eval_report():
     assert same >= 0.95 * 48 * 6, f"only {same}/{48 * 6} chunk readings as in the committed eval.json"
 
 
+def test_causal_eval_cli_writes_markdown_and_checks_the_floor(tmp_path, capsys):
+    """A causal checkpoint's eval: --markdown writes the per-chunk table, --min-all-correct applies to its all-correct
+    rate, switch_guidance= is recorded in the report, and is refused for a whole-clip checkpoint."""
+    from _serve_helpers import save_tiny_pipeline
+
+    from vdiff.eval import cli as eval_cli
+
+    folder = save_tiny_pipeline(tmp_path / "causal", causal=True)
+    out, md = tmp_path / "r.json", tmp_path / "EVAL.md"
+    args = ["--checkpoint", str(folder), "num_clips=4", "batch_size=4", "num_chunks=4", "steps=2", "height=16",
+            "width=16", "switch_guidance=2", "--out", str(out), "--markdown", str(md), "--quiet"]
+    assert eval_cli.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["switch_guidance"] == 2.0 and report["settings"]["switch_clips"] == 1
+    table = md.read_text()
+    assert table.count("\n| ") == 5 and "switch guidance 2.0 over 3 chunks" in table  # header + 4 chunks
+    assert eval_cli.main(args + ["--min-all-correct", "1.01"]) == 1  # no rate is above 1
+    plain = save_tiny_pipeline(tmp_path / "plain")
+    capsys.readouterr()
+    assert eval_cli.main(["--checkpoint", str(plain), "switch_guidance=2", "--quiet"]) == 2
+    assert "switch_guidance is for causal (long-video) checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bundled_causal_checkpoint() is None, reason="checkpoints/shapes-causal is not built")
+def test_bundled_causal_model_reproduces_its_switch_readings():
+    """The committed eval.json's prompt-switch clips at the checkpoint's default settings (switch guidance from its
+    vdiff.json): the first 8 switched clips are regenerated up to chunk 10 and their switch reading (the 6 frames from
+    the switch on) is scored again; at most one may differ between machines."""
+    from vdiff.eval.long_eval import score_long_clip
+    from vdiff.eval.long_run import _generate
+    from vdiff.pipeline import VideoPipeline
+
+    committed = json.loads((BUNDLED_CAUSAL_CHECKPOINT / "eval.json").read_text())
+    at = committed["settings"]["switch_at"]
+    pipe = VideoPipeline.from_pretrained(BUNDLED_CAUSAL_CHECKPOINT)
+    assert committed["settings"]["switch_guidance"] == pipe.config.switch_guidance > 1
+    expected = committed["switch_per_clip"][:8]
+
+    class _Bar:
+        def update(self, n: int) -> None:
+            pass
+
+    clips, force, _ = _generate(pipe, [e["prompt"] for e in expected], EvalConfig(batch_size=48), at + 3, at, _Bar())
+    assert [f[-1] for f in force] == [e["new_prompt"] for e in expected]
+    followed = [score_long_clip(c, f, 2, switch_at=at)["switch_followed"] for c, f in zip(clips, force)]
+    assert sum(a == e["followed"] for a, e in zip(followed, expected)) >= 7, (followed, expected)
+
+
+@pytest.mark.skipif(bundled_causal_checkpoint() is None, reason="checkpoints/shapes-causal is not built")
+def test_switch_guidance_probe_scores_as_the_eval():
+    """experiments.switch_guidance at the checkpoint's default scale is the long eval's own switch score: the same
+    clips (the eval's switched prompts, one by one, its seed) read the same way, clip by clip (some follow the
+    switch, some do not); and its settings parser names a bad item."""
+    from experiments.switch_guidance import parse_settings, probe
+    from vdiff.eval.long_eval import score_long_clip
+    from vdiff.eval.long_run import _generate
+    from vdiff.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(BUNDLED_CAUSAL_CHECKPOINT)
+    prompts = eval_prompts(144, seed=0)[:4]
+
+    class _Bar:
+        def update(self, n: int) -> None:
+            pass
+
+    clips, force, _ = _generate(pipe, prompts, EvalConfig(batch_size=48), 11, 8, _Bar())
+    eval_flags = [score_long_clip(c, f, 2, switch_at=8)["switch_followed"] for c, f in zip(clips, force)]
+    res = probe(pipe, prompts, pipe.config.switch_guidance, pipe.config.switch_guidance_chunks, seed=0, switch_at=8)
+    assert res["per_clip"] == eval_flags and len(set(eval_flags)) == 2, (res["per_clip"], eval_flags)
+    assert parse_settings("1:1,2.5:3,2") == [(1.0, 1), (2.5, 3), (2.0, 3)]
+    with pytest.raises(ValueError, match="--settings: expected G:K items like 2:3, got 'x:1'"):
+        parse_settings("x:1")
+
+
 def test_switch_trace_reads_shapesworlds_own_turn():
     """experiments.switch_trace's turn curve of ShapesWorld's clips, which turn at once: the old direction's full
     speed before the switch chunk, half and half in it (its first frame is still placed by the old motion), the new

@@ -182,14 +182,15 @@ def test_two_ranks_equal_one_process(tmp_path):
             assert res[key]["latent_err"] <= 1e-4, (r, key, res[key])
         assert res["cfg2"]["notes"] == []
         assert res["text/embeds_err"] == 0.0
-        for key in ("causal/cached", "causal/reference", "causal/live_switch"):  # each rank one branch's K/V
+        for key in ("causal/cached", "causal/reference", "causal/live_switch",  # each rank one branch's K/V
+                    "causal/switch_guidance"):
             assert res[key]["latent_scale"] > 0.1 and res[key]["latent_err"] <= TOL, (r, key, res[key])
         assert res["causal/call_frame_err"] <= 1 and res["causal/call_notes"] == []
         # rank 1 alone cancels at its 4th step (chunk 1, step 0): both ranks stop after the same step
         assert "at chunk 1, after step 1/3" in res["causal/cancel"], res["causal/cancel"]
         assert res["causal/cancel"].endswith("| 4 steps seen"), res["causal/cancel"]
         for key in ("causal/ulysses/cached", "causal/ulysses/reference", "causal/ulysses/live_switch",
-                    "causal/ulysses/split"):
+                    "causal/ulysses/split", "causal/ulysses/switch_guidance"):
             assert res[key]["latent_scale"] > 0.1 and res[key]["latent_err"] <= TOL, (r, key, res[key])
         one_bytes, rank_bytes = res["causal/ulysses/kv_bytes"]
         assert rank_bytes * 2 == one_bytes > 0, res["causal/ulysses/kv_bytes"]  # half the heads on each rank
@@ -416,10 +417,12 @@ def _causal_under_cfg2(out: Path, rank: int) -> dict:
 
     res = {"causal/cached": err({}), "causal/reference": err({"cache": ["text_kv"]}),
            "causal/live_switch": err({}, live=True),
+           "causal/switch_guidance": err({"switch_guidance": 2.0, "switch_guidance_chunks": 1}),  # old branch too
            # Ulysses: each rank's KV buffers hold its head group (window 1: chunk 3 evicts chunk 1)
            "causal/ulysses/cached": err({}, pipe=uly),
            "causal/ulysses/reference": err({"cache": ["text_kv"]}, pipe=uly),
            "causal/ulysses/live_switch": err({}, live=True, pipe=uly),
+           "causal/ulysses/switch_guidance": err({"switch_guidance": 2.0}, pipe=uly),
            "causal/ulysses/split": err({"cache": ["text_kv", CausalKVCacheConfig(external="split")]}, pipe=uly)}
     res["causal/ulysses/kv_bytes"] = [list(p.stream(prompt, seed=3, num_chunks=1))[0].stats["kv_bytes"]
                                       for p in (one, uly)]

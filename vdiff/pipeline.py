@@ -230,23 +230,31 @@ class VideoPipeline(LoraPipelineMixin):
                prompts: dict[int, str] | None = None, cache: Sequence[str | CacheConfig] | None = None,
                callback: Callable[[int, int, torch.Tensor], Any] | None = None, negative_prompt: Any = None,
                height: int | None = None, width: int | None = None, attention: Any = None,
-               sampler: str | None = None, shift: float | None = None,
-               progress: bool = False) -> Iterator[VideoChunk]:
+               sampler: str | None = None, shift: float | None = None, switch_guidance: float | None = None,
+               switch_guidance_chunks: int | None = None, progress: bool = False) -> Iterator[VideoChunk]:
         """Generate a causal model's video chunk by chunk (vdiff.streaming): yields `VideoChunk`s (`.index`,
         `.frames` uint8 (t, H, W, 3), `.stats`). num_chunks None: until the caller stops iterating. prompts={k: text}
         switches the prompt at chunk k; entries added while iterating take effect at their chunk if it has not
         started (live steering). attention, sampler, shift: as for __call__ (every chunk). cache: None = the
         pipeline's caches (with causal_kv: each chunk attends to stored K/V); a list without causal_kv recomputes the
-        whole history at every step (the reference)."""
+        whole history at every step (the reference). switch_guidance g > 1 (default: the pipeline config's): for
+        switch_guidance_chunks chunks after a switch, each step runs the model under the old prompt too (its own K/V
+        cache, not re-cached) and uses v_old + g (v_new - v_old), so the new prompt takes over faster."""
+        from vdiff.pipeline_io import check_switch_guidance
         from vdiff.streaming import check_stream_args, stream_chunks
 
         switches = check_stream_args(num_chunks, prompts)
+        switch_guidance = self.config.switch_guidance if switch_guidance is None else switch_guidance
+        if switch_guidance_chunks is None:
+            switch_guidance_chunks = self.config.switch_guidance_chunks
+        check_switch_guidance(switch_guidance, switch_guidance_chunks)
         leader = getattr(self.parallel, "leader", None)
         if leader is not None and not leader.in_call() and not leader.streaming:  # a spawned group's leader
             request = dict(prompt=prompt, num_chunks=num_chunks, seed=seed, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, prompts=prompts, cache=cache, callback=callback,
                            negative_prompt=negative_prompt, height=height, width=width, attention=attention,
-                           sampler=sampler, shift=shift, progress=progress)
+                           sampler=sampler, shift=shift, switch_guidance=switch_guidance,
+                           switch_guidance_chunks=switch_guidance_chunks, progress=progress)
             return leader.stream(lambda: self.stream(**request), request)  # the followers iterate it too
 
         def resolve() -> _CallArgs:
@@ -258,7 +266,8 @@ class VideoPipeline(LoraPipelineMixin):
             return a if self.parallel is None else self.parallel.check_decode(a, self.vae)
 
         if self.parallel is not None:  # every rank runs the same stream (cfg=2: each rank one branch)
-            extra = {"num_chunks": num_chunks, "prompts": {str(k): v for k, v in sorted(switches.items())}}
+            extra = {"num_chunks": num_chunks, "prompts": {str(k): v for k, v in sorted(switches.items())},
+                     "switch_guidance": [float(switch_guidance), switch_guidance_chunks]}
             a = self.parallel.agree(resolve, seed_given=seed is not None, extra=extra)
         else:
             a = resolve()
@@ -266,7 +275,8 @@ class VideoPipeline(LoraPipelineMixin):
         commit = kv.commit if "causal_kv" in a.caches and kv is not None else None
         return stream_chunks(self, a, num_chunks=num_chunks, switches=switches, context_noise=self.config.context_noise,
                              commit=commit, attention_stats=AttentionStats(), callback=callback, progress=progress,
-                             external=kv.external if commit is not None else "off")
+                             external=kv.external if commit is not None else "off",
+                             switch_guidance=(float(switch_guidance), switch_guidance_chunks))
 
     # ---------------------------------------------------------------------------------------------------------------
     # Caches

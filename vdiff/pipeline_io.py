@@ -55,13 +55,26 @@ class PipelineConfig:
     lora: str | None = None  # LoRA file in the folder (pytorch_lora_weights.safetensors) that from_pretrained loads
     lora_scale: float = 1.0
     context_noise: float = 0.0  # causal models: noise level of the history chunks attend to (as in training)
+    # causal models, at a prompt switch: for the next `switch_guidance_chunks` chunks the velocity is pushed away from
+    # the old prompt's, v_old + g (v_new - v_old) (vdiff.streaming); 1 = off
+    switch_guidance: float = 1.0
+    switch_guidance_chunks: int = 3
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.context_noise < 1.0:
             raise ConfigError(f"context_noise must be in [0, 1), got {self.context_noise!r}")
+        check_switch_guidance(self.switch_guidance, self.switch_guidance_chunks, ConfigError)
         for name in self.cache:
             if name not in CACHE_NAMES:
                 raise ConfigError(f"cache: unknown cache {name!r}; known: {list(CACHE_NAMES)}")
+
+
+def check_switch_guidance(scale: Any, chunks: Any, error: type[Exception] = ValueError) -> None:
+    """`error` naming the argument for a switch guidance scale outside [1, 20] or a chunk count outside [1, 1000]."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= 20.0:
+        raise error(f"switch_guidance must be a number in [1, 20] (1 = off), got {scale!r}")
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 1000:
+        raise error(f"switch_guidance_chunks must be an int in [1, 1000], got {chunks!r}")
 
 
 # What a Wan2.1 diffusers folder (model_index.json, no vdiff.json) implies: Wan's own sampling recipe and UMT5.

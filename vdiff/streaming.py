@@ -15,7 +15,12 @@
 
 A prompt switch at chunk k (`prompts={k: text}`) re-encodes the text and re-commits the chunks the cache holds with
 the new prompt, oldest first (LongLive's KV re-cache), so motion continues from the same frames while the new
-prompt takes over. Classifier-free guidance batches the conditional and unconditional branches (2B rows), each with
+prompt takes over. With switch guidance g > 1 (`switch_guidance`), the old prompt's cache is kept aside (a copy taken
+before the re-cache) and for the next `switch_guidance_chunks` chunks every step runs the model under both prompts,
+each over its own cache (chunks generated meanwhile are committed to both), and uses v_old + g (v_new - v_old): the
+old prompt as the negative, so the guidance pushes only on what the prompts differ in (the motion, not the object).
+Without the KV cache the old branch is the full history under the old prompt, so cached equals uncached here too.
+Classifier-free guidance batches the conditional and unconditional branches (2B rows), each with
 its own K/V rows; under cfg parallel (ParallelConfig(cfg=2)) each rank runs one branch and keeps only that branch's
 K/V, and the ranks exchange v once per step. Under parallelism every chunk starts with one broadcast from rank 0
 (go on or stop, and its prompt switch): a switch added while the stream runs is rank 0's, and when rank 0's caller
@@ -77,9 +82,10 @@ def check_stream_args(num_chunks: Any, prompts: Any) -> dict[int, str]:
 
 def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[int, str], context_noise: float,
                   commit: str | None, attention_stats: Any, callback: Callable | None = None,
-                  progress: bool = False, external: str = "off") -> Iterator[VideoChunk]:
+                  progress: bool = False, external: str = "off",
+                  switch_guidance: tuple[float, int] = (1.0, 1)) -> Iterator[VideoChunk]:
     """The chunk loop (see the module docstring). `a`: VideoPipeline's resolved call arguments; `commit`: the
-    causal_kv cache's commit mode, or None to run the reference (no KV cache)."""
+    causal_kv cache's commit mode, or None to run the reference (no KV cache); `switch_guidance`: (scale, chunks)."""
     model = pipe.transformer
     device = pipe.device
     dtype = next(model.parameters()).dtype
@@ -94,6 +100,8 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
     history: list[tuple[int, torch.Tensor]] = []  # (chunk, x_ctx): the reference's whole history / the re-cache set
     t_ctx = torch.tensor(1000.0 * context_noise, device=device)
     prompts = list(a.prompts)
+    g_switch, switch_chunks = switch_guidance
+    old: dict[str, Any] | None = None  # while switch guidance runs: the old prompt's text, KV state, chunks left
 
     call = CacheCall(frozenset(a.caches), dict(a.cache_configs))  # one call's state (the text K/V) for the stream
     tokens_per_chunk = math.prod(model.token_grid((f, hl, wl)))
@@ -106,14 +114,18 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             emb = cfg_par.branch(emb[:n], emb[n:])  # this rank's branch
         return emb.to(device, dtype)
 
-    def forward(x: torch.Tensor, t: torch.Tensor, chunk: int, step: int | None, store: bool) -> torch.Tensor:
-        """Guided velocity of chunk `chunk` at timestep t for latents x (B, C, f, H', W'); the model runs both
-        branches (2B rows), or this rank's one under cfg parallel (then one exchange of v)."""
+    def forward(x: torch.Tensor, t: torch.Tensor, chunk: int, step: int | None, store: bool,
+                text: torch.Tensor | None = None, kv: CausalKVState | None = None) -> torch.Tensor:
+        """Guided velocity of chunk `chunk` at timestep t for latents x (B, C, f, H', W') under `text` (default:
+        the prompt in force) over the cache `kv` (default: the stream's); the model runs both CFG branches (2B
+        rows), or this rank's one under cfg parallel (then one exchange of v)."""
+        text = context if text is None else text
+        kv = state if kv is None else kv
         x_in = torch.cat([x, x]) if double else x
         kwargs = {"attention": a.attention, "stats": attention_stats, "step": step}
-        if state is not None:
-            state.store = store
-            kwargs.update(chunks=[(chunk, step is None)], kv_cache=state)
+        if kv is not None:
+            kv.store = store
+            kwargs.update(chunks=[(chunk, step is None)], kv_cache=kv)
             t_in = t.expand(x_in.shape[0])
         else:  # the reference: every earlier chunk's context latents in the same forward, at t_ctx
             ctx_x = [h for _, h in history]
@@ -123,15 +135,24 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             t_in = torch.cat([t_ctx.expand(len(history) * tokens_per_chunk), t.expand(tokens_per_chunk)])
             t_in = t_in.expand(x_in.shape[0], -1)  # per-token timesteps (B', L)
             kwargs.update(chunks=[(j, True) for j, _ in history] + [(chunk, step is None)])
-        v = model(x_in.to(dtype), t_in, context, return_dict=False, attention_kwargs=kwargs)[0].float()
+        v = model(x_in.to(dtype), t_in, text, return_dict=False, attention_kwargs=kwargs)[0].float()
         v = v[:, :, -f:]  # the current chunk
         if cfg_par is not None:
             v = cfg_par.gather(v)  # [v_cond; v_uncond] on both ranks
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + a.guidance * (v_cond - v_uncond)
-        if state is not None:
-            state.store = False
+        if kv is not None:
+            kv.store = False
+        return v
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, chunk: int, step: int | None, store: bool) -> torch.Tensor:
+        """`forward`, and while switch guidance runs, pushed away from the old prompt's velocity (each branch
+        stores into its own cache when `store`)."""
+        v = forward(x, t, chunk, step, store)
+        if old is not None:
+            v_old = forward(x, t, chunk, step, store, text=old["text"], kv=old["kv"])
+            v = v_old + g_switch * (v - v_old)
         return v
 
     def make_context(x0: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -157,6 +178,8 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             if switch is not None:
                 check_stream_args(None, {chunk: switch})  # added while the stream ran: checked here
                 prompts = [switch] * n
+                if g_switch > 1.0:  # the old prompt's branch: its text and its cache as they are (not re-cached)
+                    old = {"text": context, "kv": state.copy() if state is not None else None, "left": switch_chunks}
                 context = encode(prompts)  # a new tensor: the text K/V hooks recompute it once
                 if state is not None:  # re-commit the held chunks under the new prompt, oldest first
                     for j, x_ctx in history:
@@ -167,7 +190,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             scheduler.set_timesteps(a.steps, device=device)
             last = len(scheduler.timesteps) - 1
             for i, t in enumerate(scheduler.timesteps):
-                v = forward(x, t, chunk, i, store=commit == "last_step" and i == last)
+                v = velocity(x, t, chunk, i, store=commit == "last_step" and i == last)
                 x = scheduler.step(v, t, x, return_dict=False)[0]
                 if bar is not None:
                     bar.update()
@@ -177,6 +200,14 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
             x_ctx = make_context(x, chunk)
             if commit == "clean":
                 forward(x_ctx, t_ctx, chunk, None, store=True)
+                if old is not None and old["kv"] is not None:  # the old branch reads this chunk as context too
+                    forward(x_ctx, t_ctx, chunk, None, store=True, text=old["text"], kv=old["kv"])
+            guided = old is not None
+            old_bytes = old["kv"].bytes if guided and old["kv"] is not None else 0
+            if old is not None:
+                old["left"] -= 1
+                if old["left"] == 0:
+                    old = None
             history.append((chunk, x_ctx))
             if state is not None:  # keep only what a re-cache needs: the chunks the buffers hold
                 held = set(state.chunks())
@@ -186,7 +217,9 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                               else pipe.parallel.decode(pipe.vae, x))  # (B, t, H, W, 3)
         stats = {"seconds": time.perf_counter() - t0, "decode_s": time.perf_counter() - t_decode, "steps": a.steps,
                  "tokens_attended": state.attended_tokens if state is not None else None,
-                 "kv_bytes": state.bytes if state is not None else 0, "context_chunks": len(history)}
+                 "kv_bytes": (state.bytes if state is not None else 0) + (old_bytes if guided else 0),
+                 "context_chunks": len(history),
+                 "switch_guidance": g_switch if guided else None}
         if pipe.parallel is not None:  # this rank's share: under cfg=2 the KV bytes are its branch's
             stats["parallel"] = pipe.parallel.stats(a.guidance).parallel
         try:

@@ -116,6 +116,16 @@ class CausalKVState:
     def bytes(self) -> int:
         return sum(buf.bytes for buf in self.layers.values())
 
+    def copy(self) -> CausalKVState:
+        """An independent state holding the same K/V (a prompt switch keeps the old prompt's cache this way)."""
+        out = CausalKVState(external=self.external)
+        for layer, buf in self.layers.items():
+            twin = _LayerBuffer.__new__(_LayerBuffer)
+            twin.n, twin.sinks, twin.window = buf.n, buf.sinks, buf.window
+            twin.k, twin.v, twin.slots = buf.k.clone(), buf.v.clone(), list(buf.slots)
+            out.layers[layer] = twin
+        return out
+
     def chunks(self, layer: int = 0) -> list[int]:
         """Chunks held for `layer`, ascending."""
         buf = self.layers.get(layer)

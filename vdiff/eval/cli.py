@@ -12,6 +12,7 @@ consistency score and seconds per clip; writes the full report (per-clip reading
 key=value settings (omitted = the checkpoint's default sampling settings, from its vdiff.json):
   num_clips=144     clips to generate (a multiple of 72 covers every combination equally)
   steps=N           denoising steps                guidance=G   classifier-free guidance scale
+  switch_guidance=G causal checkpoints: guidance away from the old prompt after a switch (1 = off)
   attention=NAME    dense | radial | vmoba | sliding_tile        sampler=unipc|euler   shift=S
   seed=0            prompt order + noise (batch b uses seed+b)   batch_size=16 clips per pipeline call
   num_frames=, height=, width=   clip size (default: the checkpoint's)
@@ -94,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or str(default_device())
     pipe = VideoPipeline.from_pretrained(ckpt, device=device)
     causal = pipe.transformer.causal_config is not None
-    if cfg.num_chunks is not None and not causal:
-        print("error: num_chunks is for causal (long-video) checkpoints; this one generates whole clips",
-              file=sys.stderr)
-        return 2
+    for key in ("num_chunks", "switch_guidance"):
+        if getattr(cfg, key) is not None and not causal:
+            print(f"error: {key} is for causal (long-video) checkpoints; this one generates whole clips",
+                  file=sys.stderr)
+            return 2
     if causal and args.save_clips is not None:
         print("error: --save-clips is for whole-clip checkpoints; a causal eval keeps its per-chunk readings in the "
               "report (per_clip)", file=sys.stderr)
@@ -124,14 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             write_video(args.save_clips / f"{i:03d}-{slug}{'' if row['all_correct'] else '-WRONG'}.gif", clip)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    if causal:
-        print(format_long_report(report))
-        print(f"report: {out}")
-        return 0
-    print(format_report(report))
+    fmt = format_long_report if causal else format_report
+    print(fmt(report))
     print(f"report: {out}")
     if args.markdown is not None:
-        args.markdown.write_text(format_report(report, markdown=True) + "\n")
+        args.markdown.write_text(fmt(report, markdown=True) + "\n")
     rate = report["results"]["all_correct"]
     if args.min_all_correct is not None and rate < args.min_all_correct:
         print(f"all-correct rate {rate:.3f} is below --min-all-correct {args.min_all_correct}", file=sys.stderr)

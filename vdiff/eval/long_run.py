@@ -32,7 +32,7 @@ def _generate(pipe: Any, prompts: list[str], cfg: EvalConfig, num_chunks: int, s
     clips, in_force, t0 = [], [], time.perf_counter()
     kw = {"num_chunks": num_chunks, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
           "attention": cfg.attention, "sampler": cfg.sampler, "shift": cfg.shift, "height": cfg.height,
-          "width": cfg.width}
+          "width": cfg.width, "switch_guidance": cfg.switch_guidance}
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         batch = prompts[start:start + cfg.batch_size]
         if switch_at is None:
@@ -81,7 +81,9 @@ def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True, switch: 
                      "shift": cfg.shift if cfg.shift is not None else "checkpoint default",
                      "height": cfg.height or pc.height, "width": cfg.width or pc.width,
                      "causal": asdict(pipe.transformer.causal_config), "caches": pipe.caches,
-                     "switch_clips": len(switch_prompts), "switch_at": at},
+                     "switch_clips": len(switch_prompts), "switch_at": at,
+                     "switch_guidance": cfg.switch_guidance if cfg.switch_guidance is not None
+                     else pc.switch_guidance, "switch_guidance_chunks": pc.switch_guidance_chunks},
         "config": asdict(cfg),
         "results": summarize_long(scores),
         "switch": summarize_long(s_scores) if s_scores else {},
@@ -96,17 +98,25 @@ def run_long_eval(pipe: Any, cfg: EvalConfig, *, progress: bool = True, switch: 
     }
 
 
-def format_long_report(report: dict[str, Any]) -> str:
+def format_long_report(report: dict[str, Any], markdown: bool = False) -> str:
+    """The long eval's table (per-chunk drift curve, first-4 / last-4, seam, switch) as text or Markdown."""
     s, r, sw = report["settings"], report["results"], report["switch"]
-    lines = [f"{s['num_clips']} clips x {s['num_chunks']} chunks ({s['frames_per_chunk']} frames each), "
-             f"{s['steps']} steps, guidance {s['guidance']}, window {s['causal']['window_chunks']}, seed {s['seed']}",
-             "  chunk     colour      shape  direction  all correct"]
+    g = s.get("switch_guidance", 1.0)
+    guided = f" (switch guidance {g} over {s.get('switch_guidance_chunks')} chunks)" if g and g > 1 else ""
+    head = (f"{s['num_clips']} clips x {s['num_chunks']} chunks ({s['frames_per_chunk']} frames each), "
+            f"{s['steps']} steps, guidance {s['guidance']}, window {s['causal']['window_chunks']}, seed {s['seed']}")
+    tail = [f"all-correct {_pct(r['all_correct'])} (first 4 chunks {_pct(r['first4_all_correct'])}, last 4 "
+            f"{_pct(r['last4_all_correct'])}); seam ratio {r['seam_ratio']:.3f}",
+            f"prompt switch at chunk {s['switch_at']} ({s['switch_clips']} clips): followed within one chunk "
+            f"{_pct(sw.get('switch_followed'))}{guided}" if sw else "no prompt-switch clips",
+            f"{report['seconds_per_chunk']:.3f} s per chunk ({report['machine']['device']})"]
+    cols = ("colour", "shape", "direction", "all_correct")
+    if markdown:
+        lines = [head, "", "| chunk | colour | shape | direction | all correct |", "|---|---|---|---|---|"]
+        lines += [f"| {i} | " + " | ".join(_pct(p[k]) for k in cols) + " |" for i, p in enumerate(r["per_chunk"])]
+        return "\n".join(lines + [""] + [f"- {line}" for line in tail])
+    lines = [head, "  chunk     colour      shape  direction  all correct"]
     for i, p in enumerate(r["per_chunk"]):
         lines.append(f"  {i:5d} {_pct(p['colour']):>10} {_pct(p['shape']):>10} {_pct(p['direction']):>10} "
                      f"{_pct(p['all_correct']):>12}")
-    lines += [f"all-correct {_pct(r['all_correct'])} (first 4 chunks {_pct(r['first4_all_correct'])}, last 4 "
-              f"{_pct(r['last4_all_correct'])}); seam ratio {r['seam_ratio']:.3f}",
-              f"prompt switch at chunk {s['switch_at']} ({s['switch_clips']} clips): followed within one chunk "
-              f"{_pct(sw.get('switch_followed'))}" if sw else "no prompt-switch clips",
-              f"{report['seconds_per_chunk']:.3f} s per chunk ({report['machine']['device']})"]
-    return "\n".join(lines)
+    return "\n".join(lines + tail)

@@ -48,6 +48,7 @@ class EvalConfig:
     height: int | None = None
     width: int | None = None
     num_chunks: int | None = None  # causal checkpoints: chunks per clip (default 16; vdiff.eval.long_run)
+    switch_guidance: float | None = None  # causal checkpoints: guidance away from the old prompt after a switch
 
     def __post_init__(self) -> None:
         if self.num_chunks is not None and self.num_chunks < 4:
@@ -62,6 +63,10 @@ class EvalConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.switch_guidance is not None:
+            from vdiff.pipeline_io import check_switch_guidance
+
+            check_switch_guidance(self.switch_guidance, 1, ConfigError)
 
 
 def eval_prompts(num_clips: int, seed: int = 0) -> list[str]:
