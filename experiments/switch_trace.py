@@ -8,7 +8,8 @@ the eval's turned direction (left -> up -> right -> down -> left, colour and sha
 position is the evaluator's circular centroid (vdiff.eval.long_eval); per chunk, the mean frame-to-frame
 displacement into each of its frames is projected on the old and on the new direction and divided by ShapesWorld's
 speed per frame. The same curve of ShapesWorld's own clips (rendered with the turn) is printed beside it: 1 / 0
-before the switch, 0.5 / 0.5 in the switch chunk (its first frame is still placed by the old motion), 0 / 1 after.
+before the switch, 0.5 / 0.5 in the switch chunk (its first frame is still placed by the old motion; 0 / 1 with a
+recipe's data.turn=crisp), 0 / 1 after.
 A model that keeps the old motion for a while shows old > 0 after the switch chunk and new rising over chunks.
 
 --context data asks whether the model can turn at all, apart from its own earlier chunks: the chunks before the
@@ -61,15 +62,16 @@ def turn_curve(frames_THW3: np.ndarray, frames_per_chunk: int, old: str, new: st
 
 
 def turned_clip(colour: str, shape: str, direction: str, switch_at: int, num_chunks: int, per: int, height: int,
-                width: int, seed: int, *, position_jitter: float, motion_jitter: float | None) -> np.ndarray:
+                width: int, seed: int, *, position_jitter: float, motion_jitter: float | None,
+                turn: str = "carry") -> np.ndarray:
     """ShapesWorld's wrap-around clip (T, H, W, 3) that turns from `direction` to the eval's turned one at chunk
-    `switch_at`, its start spread as a recipe's data.position_jitter / data.motion_jitter."""
+    `switch_at`, its start spread as a recipe's data.position_jitter / data.motion_jitter, its turn as data.turn."""
     from vdiff.data.shapes_long import render_long_clip
     from vdiff.eval.long_run import TURN
 
     return render_long_clip(colour, shape, [direction] * switch_at + [TURN[direction]] * (num_chunks - switch_at),
                             segment_frames=per, height=height, width=width, seed=seed,
-                            position_jitter=position_jitter, motion_jitter=motion_jitter)
+                            position_jitter=position_jitter, motion_jitter=motion_jitter, turn=turn)
 
 
 @torch.no_grad()
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", choices=["self", "data"], default="self",
                         help="the chunks before the switch: the model's own (a stream) or ShapesWorld's")
     parser.add_argument("--config", default="configs/train/shapes_causal.yaml",
-                        help="the recipe whose data.position_jitter / data.motion_jitter place ShapesWorld's clips")
+                        help="the recipe whose data.position_jitter / data.motion_jitter / data.turn draw "
+                             "ShapesWorld's clips")
     args = parser.parse_args(argv)
     if args.clips < 1 or args.switch_at < 1 or args.after < 1:
         parser.error("--clips, --switch-at and --after must be >= 1")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         clip_seed = args.seed * 100_003 + i
         data = turned_clip(colour, shape, direction, args.switch_at, num_chunks, per, pipe.config.height,
                            pipe.config.width, clip_seed, position_jitter=data_cfg.position_jitter,
-                           motion_jitter=data_cfg.motion_jitter)
+                           motion_jitter=data_cfg.motion_jitter, turn=data_cfg.turn)
         data_curves.append(turn_curve(data, per, direction, TURN[direction]))
         if args.context == "self":
             chunks = list(pipe.stream([prompt], seed=args.seed, prompts={args.switch_at: turned},

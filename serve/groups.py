@@ -135,6 +135,7 @@ class GroupPipeline:
         self.lora, self.lora_scale, self.start_timeout = lora, lora_scale, start_timeout
         self.label = "+".join(config.devices)
         self._lock = threading.Lock()  # one request at a time (the pool gives a group one job at a time)
+        self._send_lock = threading.Lock()  # the pipe is not thread-safe: close() may send while a request runs
         self._ready = threading.Event()
         self._closed = False
         self._start_error: BaseException | None = None
@@ -205,7 +206,8 @@ class GroupPipeline:
         self._closed = True
         if self._ready.is_set() and self.process.is_alive():
             try:
-                self._conn.send(("stop", None))
+                with self._send_lock:
+                    self._conn.send(("stop", None))
                 self.process.join(60)
             except (OSError, BrokenPipeError):
                 pass
@@ -218,7 +220,8 @@ class GroupPipeline:
             self._wait_ready()
             conn, cancelled, hook_error = self._conn, False, None
             try:
-                conn.send(("call", kwargs))
+                with self._send_lock:
+                    conn.send(("call", kwargs))
                 while True:
                     kind, payload = conn.recv()
                     if kind == "step":  # the host waits for this answer before its next step
@@ -227,7 +230,8 @@ class GroupPipeline:
                                 cancelled = callback(*payload, None) is False
                             except BaseException as exc:  # raised here as on a one-device worker, once the group
                                 hook_error, cancelled = exc, True  # has stopped (so the pipe is clean for the next)
-                        conn.send(("go", not cancelled))
+                        with self._send_lock:
+                            conn.send(("go", not cancelled))
                     elif kind == "broken":
                         self._restart()
                         raise GroupFailed(f"group {self.label}: {payload}; the group is restarting")
@@ -303,7 +307,8 @@ def host_main(conn: Any, spec: dict[str, Any]) -> None:
                 answers.put(bool(payload))
             else:
                 requests.put((kind, payload))
-                if kind == "stop":
+                if kind == "stop":  # a request still running stops after its step (no answer will come)
+                    answers.put(False)
                     return
 
     threading.Thread(target=read, name="vdiff-group-reader", daemon=True).start()

@@ -157,15 +157,19 @@ def test_prompt_switch_takes_effect_at_its_chunk():
 NEW = "a blue square moving up"
 
 
-@pytest.mark.parametrize("guidance, commit, window", [(1.0, "clean", 1), (3.0, "clean", None), (1.0, "last_step", 2)])
-def test_switch_guidance_cached_equals_recompute_and_drops_the_old_branch(guidance, commit, window):
+THIRD = "a green triangle moving left"
+
+
+@pytest.mark.parametrize("guidance, commit, window, external", [
+    (1.0, "clean", 1, "off"), (3.0, "clean", None, "off"), (1.0, "last_step", 2, "off"), (1.0, "clean", 1, "split")])
+def test_switch_guidance_cached_equals_recompute_and_drops_the_old_branch(guidance, commit, window, external):
     """Switch guidance keeps the old prompt's cache beside the re-cached one: cached == the full recompute (whose old
-    branch is the whole history under the old prompt), with and without CFG and eviction; it runs for
-    switch_guidance_chunks chunks (stats, and the old branch's KV bytes on top), chunks before the switch are
-    untouched, and the guided chunks differ from an unguided switch."""
+    branch is the whole history under the old prompt), with and without CFG, eviction and the block-external split;
+    it runs for switch_guidance_chunks chunks (stats, and the old branch's KV bytes on top), chunks before the switch
+    are untouched, and the guided chunks differ from an unguided switch."""
     pipe = _pipe(window=window, guidance=guidance)
     kw = dict(num_chunks=6, prompts={2: NEW}, switch_guidance=2.5, switch_guidance_chunks=2,
-              cache=["text_kv", CausalKVCacheConfig(commit=commit)])
+              cache=["text_kv", CausalKVCacheConfig(commit=commit, external=external)])
     guided = list(pipe.stream(PROMPT, seed=3, **kw))
     plain = list(pipe.stream(PROMPT, seed=3, **{**kw, "switch_guidance": 1.0}))
     assert [c.stats["switch_guidance"] for c in guided] == [None, None, 2.5, 2.5, None, None]
@@ -178,6 +182,27 @@ def test_switch_guidance_cached_equals_recompute_and_drops_the_old_branch(guidan
         reference = _latents(pipe, **{**kw, "cache": ["text_kv"]})
         for c, (x, y) in enumerate(zip(guided, reference)):
             assert (x.latents - y).abs().max() <= 1e-5, (c, float((x.latents - y).abs().max()))
+
+
+def test_switch_guidance_second_switch_chunk_zero_and_same_prompt():
+    """A second switch while guidance runs guides away from the prompt it replaces (cached == recompute, and the
+    guidance restarts there); a switch at chunk 0 is no switch at all (the prompt argument made no frame) and a
+    switch to the prompt in force starts no guidance. (Global window: a re-cache after an eviction re-commits only
+    the held chunks, which the full recompute does not model.)"""
+    pipe = _pipe(window=None, guidance=1.0)
+    kw = dict(num_chunks=6, prompts={2: NEW, 3: THIRD}, switch_guidance=2.0, switch_guidance_chunks=2)
+    twice = list(pipe.stream(PROMPT, seed=3, **kw))
+    assert [c.stats["switch_guidance"] for c in twice] == [None, None, 2.0, 2.0, 2.0, None]
+    reference = _latents(pipe, **kw, cache=["text_kv"])
+    for c, (x, y) in enumerate(zip(twice, reference)):
+        assert (x.latents - y).abs().max() <= 1e-5, (c, float((x.latents - y).abs().max()))
+    at_zero = list(pipe.stream(PROMPT, seed=3, num_chunks=3, prompts={0: NEW}, switch_guidance=2.0))
+    direct = list(pipe.stream(NEW, seed=3, num_chunks=3))
+    assert [c.stats["switch_guidance"] for c in at_zero] == [None] * 3
+    for x, y in zip(at_zero, direct):
+        torch.testing.assert_close(x.latents, y.latents, atol=0, rtol=0)
+    same = list(pipe.stream(PROMPT, seed=3, num_chunks=4, prompts={2: PROMPT}, switch_guidance=2.0))
+    assert [c.stats["switch_guidance"] for c in same] == [None] * 4
 
 
 def test_switch_guidance_is_guidance_with_the_old_prompt_as_negative():

@@ -389,6 +389,46 @@ def test_long_clip_direction_changes_at_segment_boundaries():
         ShapesWorld(4, boundary="bounce")
 
 
+def test_long_clip_crisp_turn_moves_into_a_segment_by_its_own_direction():
+    """turn="carry" places a new segment's first frame by the old motion, turn="crisp" by the new one; every other
+    move is the same, and a clip that does not turn is the same bytes either way."""
+    from train.config import DataConfig
+    from vdiff.config import ConfigError
+    from vdiff.data.shapes_long import render_long_clip
+
+    def moves(turn):
+        frames = render_long_clip("blue", "circle", ["right", "right", "up", "up"], segment_frames=4, height=16,
+                                  width=16, seed=1, turn=turn)
+        xs = np.array([_circular_centre(f, 1) for f in frames])
+        ys = np.array([_circular_centre(f, 0) for f in frames])
+        return (np.diff(xs) + 8) % 16 - 8, (np.diff(ys) + 8) % 16 - 8
+
+    (cdx, cdy), (kdx, kdy) = moves("crisp"), moves("carry")
+    assert kdx[7] > 0.3 and abs(kdy[7]) < 0.05  # carry: frame 7 -> 8 (into the "up" segment) still moves right
+    assert cdy[7] < -0.3 and abs(cdx[7]) < 0.05  # crisp: it moves up
+    others = np.arange(15) != 7
+    # the same moves elsewhere (to the rendering's subpixel error: after the turn the two sit a step apart)
+    np.testing.assert_allclose(cdx[others], kdx[others], atol=0.1)
+    np.testing.assert_allclose(cdy[others], kdy[others], atol=0.1)
+    straight = [render_long_clip("red", "square", ["left"] * 3, segment_frames=2, seed=4, turn=t)
+                for t in ("carry", "crisp")]
+    assert np.array_equal(*straight)
+    world = ShapesWorld(16, num_frames=8, height=16, width=16, boundary="wrap", switch_prob=1.0, switch_every=2,
+                        turn="crisp")
+    turned = [i for i in range(16) if world.switch(i) is not None]
+    carry = ShapesWorld(16, num_frames=8, height=16, width=16, boundary="wrap", switch_prob=1.0, switch_every=2)
+    assert turned and not np.array_equal(world.clip(turned[0]), carry.clip(turned[0]))  # the world renders its turn
+    recipe = DataConfig(dataset="shapes", boundary="wrap", switch_prob=1.0, switch_every=2, num_frames=8,
+                        turn="crisp")
+    assert recipe.shapes_world().turn == "crisp"
+    with pytest.raises(ValueError, match="turn must be one of"):
+        render_long_clip("red", "square", ["up"], segment_frames=2, turn="smooth")
+    with pytest.raises(ValueError, match="turn .* must be 'carry' or 'crisp'"):
+        ShapesWorld(4, boundary="wrap", turn="smooth")
+    with pytest.raises(ConfigError, match="data.turn must be 'carry' or 'crisp', got 'x'"):
+        DataConfig(turn="x")
+
+
 def test_long_eval_reads_real_long_clips_per_chunk_and_flags_seams():
     """On real wrap-around clips every chunk reads right and the seam ratio is ~1; a clip whose chunks restart the
     object elsewhere has a visible seam; a direction switch is read within one chunk of it."""

@@ -117,6 +117,12 @@ def test_latent_cache_fingerprint_separates_data_and_keeps_older_caches():
     assert narrow["data"].pop("position_jitter") == 0.15 and narrow == base
     assert cache_fingerprint(load_recipe(TINY, ["data.seed=3"]), 48) != base
     assert cache_fingerprint(load_recipe(TINY, ["data.latent_cache=/elsewhere"]), 48) == base
+    # data.turn only matters with switches: the causal recipe's cache keeps its key at the default, not with "crisp"
+    causal = ROOT / "configs" / "train" / "shapes_causal.yaml"
+    carry = cache_fingerprint(load_recipe(causal), 48)
+    crisp = cache_fingerprint(load_recipe(causal, ["data.turn=crisp"]), 48)
+    assert "turn" not in carry["data"] and crisp["data"].pop("turn") == "crisp" and crisp == carry
+    assert "turn" not in cache_fingerprint(load_recipe(TINY, ["data.turn=crisp"]), 48)["data"]  # no switches
     gpu = load_recipe(ROOT / "configs" / "train" / "wan2.1-1.3b.yaml")
     assert gpu.model.to_model_config().num_layers == 30 and gpu.train.deepspeed != "none"
 

@@ -78,6 +78,7 @@ class DataConfig:
     switch_prob: float = 0.0  # shapes, wrap: share of clips that turn once, at a multiple of `switch_every` frames
     switch_every: int = 1  # (a causal model's frames per chunk: turns at chunk boundaries, one caption per segment)
     motion_jitter: float | None = None  # shapes, wrap: start spread along the motion axis (None: position_jitter)
+    turn: str = "carry"  # shapes, switches: a new segment's first frame placed by the old motion (carry) or its own
     root: str | None = None  # video_folder
     frame_stride: int = 1  # video_folder: take every k-th frame
     latent_cache: str | None = None
@@ -97,6 +98,8 @@ class DataConfig:
         if self.switch_prob > 0 and (self.boundary != "wrap" or self.num_frames % self.switch_every):
             raise ConfigError(f"data.switch_prob > 0 needs data.boundary=wrap and data.num_frames "
                               f"({self.num_frames}) a multiple of data.switch_every ({self.switch_every})")
+        if self.turn not in ("carry", "crisp"):
+            raise ConfigError(f"data.turn must be 'carry' or 'crisp', got {self.turn!r}")
         if self.dataset == "video_folder" and not self.root:
             raise ConfigError("data.root is required when data.dataset=video_folder")
 
@@ -107,7 +110,7 @@ class DataConfig:
         return ShapesWorld(self.num_samples, num_frames=self.num_frames, height=self.height, width=self.width,
                            seed=self.seed, split=self.split, position_jitter=self.position_jitter,
                            boundary=self.boundary, switch_prob=self.switch_prob, switch_every=self.switch_every,
-                           motion_jitter=self.motion_jitter)
+                           motion_jitter=self.motion_jitter, turn=self.turn)
 
 
 @dataclass

@@ -177,9 +177,11 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                     break
             if switch is not None:
                 check_stream_args(None, {chunk: switch})  # added while the stream ran: checked here
-                prompts = [switch] * n
-                if g_switch > 1.0:  # the old prompt's branch: its text and its cache as they are (not re-cached)
+                if g_switch > 1.0 and chunk > 0 and any(p != switch for p in prompts):
+                    # the old prompt's branch: its text and its cache as they are (not re-cached); not at chunk 0
+                    # (the old prompt made nothing yet) nor for a switch to the prompt in force
                     old = {"text": context, "kv": state.copy() if state is not None else None, "left": switch_chunks}
+                prompts = [switch] * n
                 context = encode(prompts)  # a new tensor: the text K/V hooks recompute it once
                 if state is not None:  # re-commit the held chunks under the new prompt, oldest first
                     for j, x_ctx in history:

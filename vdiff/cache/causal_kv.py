@@ -26,6 +26,7 @@ chunk: approximate (the queries move between steps), reported with its error aga
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -93,6 +94,11 @@ class _LayerBuffer:
         self.v[:, slot * self.n:(slot + 1) * self.n] = v
         self.slots[slot] = chunk
 
+    def copy(self) -> _LayerBuffer:
+        twin = copy.copy(self)
+        twin.k, twin.v, twin.slots = self.k.clone(), self.v.clone(), list(self.slots)
+        return twin
+
     def held(self) -> list[tuple[int, int]]:
         """(slot, chunk) of the filled slots."""
         return [(i, c) for i, c in enumerate(self.slots) if c >= 0]
@@ -119,11 +125,7 @@ class CausalKVState:
     def copy(self) -> CausalKVState:
         """An independent state holding the same K/V (a prompt switch keeps the old prompt's cache this way)."""
         out = CausalKVState(external=self.external)
-        for layer, buf in self.layers.items():
-            twin = _LayerBuffer.__new__(_LayerBuffer)
-            twin.n, twin.sinks, twin.window = buf.n, buf.sinks, buf.window
-            twin.k, twin.v, twin.slots = buf.k.clone(), buf.v.clone(), list(buf.slots)
-            out.layers[layer] = twin
+        out.layers = {layer: buf.copy() for layer, buf in self.layers.items()}
         return out
 
     def chunks(self, layer: int = 0) -> list[int]:

@@ -44,13 +44,16 @@ def latent_cache_fingerprint(data: dict[str, Any], *, vae: str, in_channels: int
     Where the cache lives and how many loader workers read it do not change a latent, so they are blanked. Keys that
     came after the first caches were written are left out at their default, so those caches stay valid:
     `position_jitter` (default 1), `boundary` (default "stop"), `switch_prob` (default 0, and then `switch_every`
-    does not matter), `motion_jitter` (default None)."""
+    does not matter), `motion_jitter` (default None), `turn` (default "carry"; without switches it does not
+    matter)."""
     data_key = dict(data) | {"latent_cache": None, "num_workers": None}
-    for key, default in (("position_jitter", 1.0), ("boundary", "stop"), ("switch_prob", 0.0), ("motion_jitter", None)):
+    for key, default in (("position_jitter", 1.0), ("boundary", "stop"), ("switch_prob", 0.0), ("motion_jitter", None),
+                         ("turn", "carry")):
         if data_key.get(key, default) == default:
             data_key.pop(key, None)
     if "switch_prob" not in data_key:
         data_key.pop("switch_every", None)
+        data_key.pop("turn", None)
     return {"data": data_key, "vae": vae, "in_channels": in_channels, "text_encoder": text_encoder,
             "text_max_length": text_max_length}
 

@@ -375,6 +375,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         switch_prob: float = 0.0,
         switch_every: int = 1,
         motion_jitter: float | None = None,
+        turn: str = "carry",
     ) -> None:
         _check_int("num_samples", num_samples, 1, 2**40)
         if boundary not in ("stop", "wrap"):
@@ -384,6 +385,10 @@ class ShapesWorld(torch.utils.data.Dataset):
             raise ValueError(f"motion_jitter (the start spread along the motion axis) needs boundary='wrap' and a "
                              f"value in [0, 1], got {motion_jitter} with boundary={boundary!r}")
         self.motion_jitter = motion_jitter
+        if turn not in ("carry", "crisp"):
+            raise ValueError(f"turn (where a switched clip's new segment starts) must be 'carry' or 'crisp', got "
+                             f"{turn!r}")
+        self.turn = turn
         if not 0.0 <= switch_prob <= 1.0:
             raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
         if switch_prob > 0 and (boundary != "wrap" or num_frames % switch_every or num_frames // switch_every < 2):
@@ -454,7 +459,8 @@ class ShapesWorld(torch.utils.data.Dataset):
                           for k in range(kw["num_frames"] // every)]
             return render_long_clip(colour, shape, directions, segment_frames=every, height=kw["height"],
                                     width=kw["width"], seed=clip_seed, size=kw["size"], speed=kw["speed"],
-                                    position_jitter=kw["position_jitter"], motion_jitter=self.motion_jitter)
+                                    position_jitter=kw["position_jitter"], motion_jitter=self.motion_jitter,
+                                    turn=self.turn)
         return render_clip(colour, shape, direction, seed=clip_seed, **self.render_kwargs)
 
     def __getitem__(self, index: int) -> dict:
