@@ -53,6 +53,30 @@ def test_text_kv_is_per_call(pipe):
     assert (got - ref).abs().max() <= 1e-6 and out.stats.cache["text_kv"]["misses"] == 10
 
 
+def test_text_kv_remembers_two_texts():
+    """Switch guidance alternates the new and the old prompt at every step: both stay cached (hits, exact), and a
+    third text pushes out the one used least recently."""
+    from vdiff.cache import apply_text_kv_cache
+
+    torch.manual_seed(0)
+    model = VideoDiT.from_model_config(model_preset("tiny", num_layers=2, in_channels=12, out_channels=12,
+                                                    text_dim=16)).eval()
+    x, t = torch.randn(1, 12, 2, 4, 4), torch.tensor([500.0])
+    a, b, c = (torch.randn(1, 5, 16) for _ in range(3))
+    with torch.no_grad():
+        ref = {k: model(x, t, e).sample for k, e in (("a", a), ("b", b), ("c", c))}
+        apply_text_kv_cache(model)
+        with cache_context(enabled={"text_kv"}) as call:
+            outs = [(k, model(x, t, e).sample) for k, e in (("a", a), ("b", b), ("a", a), ("b", b))]
+        with cache_context(enabled={"text_kv"}) as third:
+            for e in (a, b, c, a):  # c evicts a
+                model(x, t, e)
+    per = 1 + 2 * 3  # text projection + 2 layers x (to_k, norm_k, to_v)
+    assert call.stats["text_kv"] == {"misses": 2 * per, "hits": 2 * per}
+    assert all((out - ref[k]).abs().max() <= 1e-6 for k, out in outs)
+    assert third.stats["text_kv"] == {"misses": 4 * per}
+
+
 def test_mask_cache_builds_once_per_grid_and_is_exact(pipe):
     # radial through its reference path (explicit mask): 8 frames x 4 x 4 = 128 tokens, block 16
     att = AttentionConfig(backend="radial", impl="reference")

@@ -24,6 +24,7 @@ from vdiff.cache import hooks
 from vdiff.cache.context import current_call
 
 HOOK_NAME = "vdiff.text_kv"
+MEMO_ENTRIES = 2  # texts remembered per module: a stream under switch guidance alternates the new and the old prompt
 
 
 @dataclass
@@ -41,14 +42,13 @@ class _ReuseSameInputHook(ModelHook):
         call = current_call()
         if call is None or not call.active("text_kv") or args or kwargs:
             return self.fn_ref.original_forward(x, *args, **kwargs)
-        memo = call.data.get(self)
-        if memo is not None:
-            x_prev, x_version, out, out_version = memo
+        memo = call.data.get(self, [])
+        for x_prev, x_version, out, out_version in memo:
             if x_prev is x and x._version == x_version and out._version == out_version:
                 call.count("text_kv", "hits")
                 return out
         out = self.fn_ref.original_forward(x)
-        call.data[self] = (x, x._version, out, out._version)
+        call.data[self] = [(x, x._version, out, out._version), *memo[:MEMO_ENTRIES - 1]]
         call.count("text_kv", "misses")
         return out
 
