@@ -38,9 +38,8 @@ def probe(pipe: Any, prompts: list[str], guidance: float, chunks: int, *, seed: 
     """Stream `prompts` one by one (switch at `switch_at` to the eval's turned direction unless `switch` is off) and
     score the switch reading as the long eval does. Returns counts over the clips and the per-clip flags."""
     from vdiff.data.shapes import caption, parse_caption
-    from vdiff.eval.long_eval import SWITCH_FRAMES, centred_window, score_long_clip
+    from vdiff.eval.long_eval import read_switch, score_long_clip
     from vdiff.eval.long_run import TURN
-    from vdiff.eval.shapes_eval import read_clip
 
     per = pipe.chunk_pixel_frames
     n = switch_at + 3
@@ -53,8 +52,7 @@ def probe(pipe: Any, prompts: list[str], guidance: float, chunks: int, *, seed: 
         clip = np.concatenate([c.videos for c in stream], axis=1)[0]
         score = score_long_clip(clip, [p] * switch_at + [q] * (n - switch_at), per, switch_at=switch_at)
         followed.append(bool(score["switch_followed"]))
-        r = read_clip(centred_window(clip[switch_at * per:switch_at * per + SWITCH_FRAMES]))
-        wrong += [a != b for a, b in zip((r.colour, r.shape, r.direction), parse_caption(q))]
+        wrong += [a != b for a, b in zip(read_switch(clip, switch_at, per), parse_caption(q))]
         row = score["chunks"][switch_at + 1]
         after += [row["colour"], row["shape"], row["direction"]]
     return {"clips": len(prompts), "followed": int(sum(followed)), "per_clip": followed,

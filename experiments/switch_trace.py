@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from train.config import load_recipe
     from vdiff.data.shapes import caption, parse_caption
-    from vdiff.eval.long_eval import SWITCH_FRAMES, centred_window, read_clip
+    from vdiff.eval.long_eval import SWITCH_FRAMES, read_switch
     from vdiff.eval.long_run import TURN
     from vdiff.eval.run import eval_prompts
     from vdiff.pipeline import VideoPipeline
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             frames = after_data_context(pipe, data, args.switch_at, colour, shape, TURN[direction],
                                         seed=clip_seed)
         curves.append(turn_curve(frames, per, direction, TURN[direction]))
-        start = args.switch_at * per
-        reading = read_clip(centred_window(frames[start:start + SWITCH_FRAMES]))
-        followed += (reading.colour, reading.shape, reading.direction) == (colour, shape, TURN[direction])
+        followed += read_switch(frames, args.switch_at, per) == (colour, shape, TURN[direction])
     mean, data_mean = np.mean(curves, axis=0), np.mean(data_curves, axis=0)  # (num_chunks, 2) each
     print(f"{args.checkpoint}, context {args.context}: {args.clips} clips, switch at chunk {args.switch_at}; "
           f"{followed}/{args.clips} read as the new prompt over the {SWITCH_FRAMES} frames from the switch on; motion "

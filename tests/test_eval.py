@@ -177,6 +177,13 @@ def test_causal_eval_cli_writes_markdown_and_checks_the_floor(tmp_path, capsys):
     assert "switch_guidance is for causal (long-video) checkpoints" in capsys.readouterr().err
 
 
+class _NoBar:
+    """A progress bar that shows nothing (vdiff.eval.long_run._generate updates one)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+
 @pytest.mark.skipif(bundled_causal_checkpoint() is None, reason="checkpoints/shapes-causal is not built")
 def test_bundled_causal_model_reproduces_its_switch_readings():
     """The committed eval.json's prompt-switch clips at the checkpoint's default settings (switch guidance from its
@@ -192,11 +199,7 @@ def test_bundled_causal_model_reproduces_its_switch_readings():
     assert committed["settings"]["switch_guidance"] == pipe.config.switch_guidance > 1
     expected = committed["switch_per_clip"][:8]
 
-    class _Bar:
-        def update(self, n: int) -> None:
-            pass
-
-    clips, force, _ = _generate(pipe, [e["prompt"] for e in expected], EvalConfig(batch_size=48), at + 3, at, _Bar())
+    clips, force, _ = _generate(pipe, [e["prompt"] for e in expected], EvalConfig(batch_size=48), at + 3, at, _NoBar())
     assert [f[-1] for f in force] == [e["new_prompt"] for e in expected]
     followed = [score_long_clip(c, f, 2, switch_at=at)["switch_followed"] for c, f in zip(clips, force)]
     assert sum(a == e["followed"] for a, e in zip(followed, expected)) >= 7, (followed, expected)
@@ -215,11 +218,7 @@ def test_switch_guidance_probe_scores_as_the_eval():
     pipe = VideoPipeline.from_pretrained(BUNDLED_CAUSAL_CHECKPOINT)
     prompts = eval_prompts(144, seed=0)[:4]
 
-    class _Bar:
-        def update(self, n: int) -> None:
-            pass
-
-    clips, force, _ = _generate(pipe, prompts, EvalConfig(batch_size=48), 11, 8, _Bar())
+    clips, force, _ = _generate(pipe, prompts, EvalConfig(batch_size=48), 11, 8, _NoBar())
     eval_flags = [score_long_clip(c, f, 2, switch_at=8)["switch_followed"] for c, f in zip(clips, force)]
     res = probe(pipe, prompts, pipe.config.switch_guidance, pipe.config.switch_guidance_chunks, seed=0, switch_at=8)
     assert res["per_clip"] == eval_flags and len(set(eval_flags)) == 2, (res["per_clip"], eval_flags)

@@ -98,7 +98,9 @@ class DataConfig:
         if self.switch_prob > 0 and (self.boundary != "wrap" or self.num_frames % self.switch_every):
             raise ConfigError(f"data.switch_prob > 0 needs data.boundary=wrap and data.num_frames "
                               f"({self.num_frames}) a multiple of data.switch_every ({self.switch_every})")
-        if self.turn not in ("carry", "crisp"):
+        from vdiff.data.shapes import TURNS
+
+        if self.turn not in TURNS:
             raise ConfigError(f"data.turn must be 'carry' or 'crisp', got {self.turn!r}")
         if self.dataset == "video_folder" and not self.root:
             raise ConfigError("data.root is required when data.dataset=video_folder")

@@ -219,7 +219,7 @@ def stream_chunks(pipe: Any, a: Any, *, num_chunks: int | None, switches: dict[i
                               else pipe.parallel.decode(pipe.vae, x))  # (B, t, H, W, 3)
         stats = {"seconds": time.perf_counter() - t0, "decode_s": time.perf_counter() - t_decode, "steps": a.steps,
                  "tokens_attended": state.attended_tokens if state is not None else None,
-                 "kv_bytes": (state.bytes if state is not None else 0) + (old_bytes if guided else 0),
+                 "kv_bytes": (state.bytes if state is not None else 0) + old_bytes,
                  "context_chunks": len(history),
                  "switch_guidance": g_switch if guided else None}
         if pipe.parallel is not None:  # this rank's share: under cfg=2 the KV bytes are its branch's

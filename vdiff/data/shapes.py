@@ -70,6 +70,7 @@ HELD_OUT: tuple[Combination, ...] = (
 
 SPLITS = ("train", "heldout", "all")
 BACKGROUNDS = (None, "noise", "gradient")
+TURNS = ("carry", "crisp")  # wrap clips that switch: a new segment's first frame placed by the old motion or its own
 DEFAULT_SIZE = 0.25  # object side as a fraction of min(H, W)
 DEFAULT_SPEED = 0.5  # distance travelled over the clip as a fraction of the frame along the motion axis
 MIN_SIDE_PX = 4  # below this a circle, square and triangle are a few indistinguishable pixels
@@ -385,7 +386,7 @@ class ShapesWorld(torch.utils.data.Dataset):
             raise ValueError(f"motion_jitter (the start spread along the motion axis) needs boundary='wrap' and a "
                              f"value in [0, 1], got {motion_jitter} with boundary={boundary!r}")
         self.motion_jitter = motion_jitter
-        if turn not in ("carry", "crisp"):
+        if turn not in TURNS:
             raise ValueError(f"turn (where a switched clip's new segment starts) must be 'carry' or 'crisp', got "
                              f"{turn!r}")
         self.turn = turn

@@ -24,6 +24,7 @@ from vdiff.data.shapes import (
     COLOURS,
     DIRECTION_VECTORS,
     MIN_SIDE_PX,
+    TURNS,
     _check_combination,
     _check_int,
     caption,
@@ -32,7 +33,6 @@ from vdiff.data.shapes import (
 )
 
 REFERENCE_FRAMES = 16  # a wrap clip moves as fast per frame as a default 16-frame clip
-TURNS = ("carry", "crisp")
 
 
 def render_long_clip(colour: str, shape: str, directions: Sequence[str], *, segment_frames: int, height: int = 16,

@@ -60,6 +60,13 @@ def read_chunks(frames_THW3: np.ndarray, frames_per_chunk: int, window: int = DE
     return out
 
 
+def read_switch(frames_THW3: np.ndarray, switch_at: int, frames_per_chunk: int) -> tuple:
+    """(colour, shape, direction) read from the SWITCH_FRAMES frames from chunk `switch_at` on."""
+    start = switch_at * frames_per_chunk
+    reading = read_clip(centred_window(frames_THW3[start:start + SWITCH_FRAMES]))
+    return reading.colour, reading.shape, reading.direction
+
+
 def score_long_clip(frames_THW3: np.ndarray, prompts: Sequence[str], frames_per_chunk: int,
                     window: int = DEFAULT_WINDOW, switch_at: int | None = None) -> dict:
     """Per chunk c, the reading against prompts[c] (the prompt in force for that chunk): colour / shape /
@@ -76,10 +83,8 @@ def score_long_clip(frames_THW3: np.ndarray, prompts: Sequence[str], frames_per_
                      "read": [colour, shape, direction]})
     out = {"chunks": rows, "seam_ratio": seam_ratio(frames_THW3, frames_per_chunk)}
     if switch_at is not None:
-        start = switch_at * frames_per_chunk
-        reading = read_clip(centred_window(frames_THW3[start:start + SWITCH_FRAMES]))
-        want = parse_caption(prompts[switch_at])
-        out["switch_followed"] = (reading.colour, reading.shape, reading.direction) == want
+        out["switch_followed"] = read_switch(frames_THW3, switch_at, frames_per_chunk) == parse_caption(
+            prompts[switch_at])
     return out
 
 
